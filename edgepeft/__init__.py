@@ -1,0 +1,12 @@
+"""edgepeft: parameter-efficient fine-tuning on the device.
+
+This package is the torch-free core shared by the host side (``edgepeft.exporters``) and the
+device side (``edgepeft.runtime``): specs, manifest and bundle, adapter files, memory
+accounting, errors and the CLI."""
+
+__version__ = "0.1.0"
+
+from edgepeft.errors import EdgePeftError  # noqa: E402
+from edgepeft.specs import LoraSpec  # noqa: E402
+
+__all__ = ["EdgePeftError", "LoraSpec", "__version__"]

@@ -1,0 +1,114 @@
+"""Device-side data: JSONL examples, the bundle's tokenizer, and batches of numpy arrays that
+match the bundle's input signature. Torch-free."""
+from __future__ import annotations
+
+import json
+import random
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterable, Iterator, Sequence
+
+import numpy as np
+
+from edgepeft.errors import DataError
+from edgepeft.manifest import Manifest
+
+_NP = {"int64": np.int64, "int32": np.int32, "float32": np.float32}
+
+
+@dataclass(frozen=True)
+class Example:
+    text: str
+    label: str
+
+
+@dataclass(frozen=True)
+class Batch:
+    """Model inputs by name, and label ids (None for inference)."""
+
+    feeds: dict[str, np.ndarray]
+    labels: np.ndarray | None = None
+
+    def __len__(self) -> int:
+        return len(next(iter(self.feeds.values())))
+
+
+def read_jsonl(path: str | Path, text_field: str = "text", label_field: str = "label") -> list[Example]:
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"data file {str(path)!r} does not exist")
+    out: list[Example] = []
+    with open(path, encoding="utf-8") as f:
+        for i, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except ValueError as e:
+                raise DataError(f"{path}:{i}: not valid JSON ({e})") from None
+            if not isinstance(row, dict) or text_field not in row or label_field not in row:
+                raise DataError(f"{path}:{i}: each line needs {{{text_field!r}: ..., {label_field!r}: ...}}, "
+                                f"got keys {sorted(row) if isinstance(row, dict) else type(row).__name__}")
+            if not isinstance(row[text_field], str):
+                raise DataError(f"{path}:{i}: {text_field!r} must be a string")
+            out.append(Example(row[text_field], str(row[label_field])))
+    if not out:
+        raise DataError(f"data file {str(path)!r} holds no examples")
+    return out
+
+
+def write_jsonl(path: str | Path, examples: Iterable[Example]) -> None:
+    with open(path, "w", encoding="utf-8") as f:
+        for e in examples:
+            f.write(json.dumps({"text": e.text, "label": e.label}) + "\n")
+
+
+class TextEncoder:
+    """Turns texts and label names into a ``Batch`` for a bundle (tokenizer from the bundle)."""
+
+    def __init__(self, tokenizer_path: Path, manifest: Manifest):
+        from tokenizers import Tokenizer
+
+        self.manifest = manifest
+        try:
+            self.tok = Tokenizer.from_file(str(tokenizer_path))
+        except Exception as e:  # tokenizers raises its own Exception type for bad files
+            raise DataError(f"the bundle's tokenizer cannot be loaded ({e})") from None
+        self.tok.no_padding()
+        self.tok.enable_truncation(manifest.max_length)
+        pad = self.tok.token_to_id("[PAD]")
+        self.pad_id = 0 if pad is None else pad
+        self.label_ids = {name: i for i, name in enumerate(manifest.labels)}
+        names = [i.name for i in manifest.inputs]
+        if names != ["input_ids", "attention_mask"]:
+            raise DataError(f"text data needs a bundle with inputs (input_ids, attention_mask), this one has {names}")
+        self.dtypes = {i.name: _NP.get(i.dtype, np.int64) for i in manifest.inputs}
+
+    def encode(self, texts: Sequence[str]) -> dict[str, np.ndarray]:
+        encs = self.tok.encode_batch(list(texts))
+        t = max(len(e.ids) for e in encs)
+        ids = np.full((len(encs), t), self.pad_id, dtype=self.dtypes["input_ids"])
+        mask = np.zeros((len(encs), t), dtype=self.dtypes["attention_mask"])
+        for i, e in enumerate(encs):
+            ids[i, : len(e.ids)] = e.ids
+            mask[i, : len(e.ids)] = 1
+        return {"input_ids": ids, "attention_mask": mask}
+
+    def label_array(self, labels: Sequence[str]) -> np.ndarray:
+        unknown = sorted({lab for lab in labels if lab not in self.label_ids})
+        if unknown:
+            raise DataError(f"labels {unknown[:5]} are not in the bundle's label set {list(self.label_ids)}")
+        return np.array([self.label_ids[lab] for lab in labels], dtype=np.int64)
+
+    def batch(self, examples: Sequence[Example]) -> Batch:
+        return Batch(self.encode([e.text for e in examples]), self.label_array([e.label for e in examples]))
+
+    def batches(self, examples: Sequence[Example], batch_size: int, *, shuffle: bool = False,
+                seed: int = 0) -> Iterator[Batch]:
+        """Every example once (the last batch may be smaller: ORT takes any batch size)."""
+        self.label_array([e.label for e in examples])  # fail before any work on a bad label
+        order = list(range(len(examples)))
+        if shuffle:
+            random.Random(seed).shuffle(order)
+        for s in range(0, len(order), batch_size):
+            yield self.batch([examples[i] for i in order[s:s + batch_size]])

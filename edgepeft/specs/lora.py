@@ -1,0 +1,42 @@
+"""LoRA: W x + (alpha / r) * B A x, with A (r x in) and B (out x r), B zero-initialised."""
+from __future__ import annotations
+
+import dataclasses
+import math
+
+from edgepeft.errors import SpecError
+from edgepeft.specs.base import MethodSpec, as_name_tuple, check_pattern
+
+
+@dataclasses.dataclass(frozen=True)
+class LoraSpec(MethodSpec):
+    """LoRA on the Linear layers named by ``targets`` (module names, matched by whole dotted
+    components as PEFT does) or by ``target_pattern`` (an anchored regex over full names).
+
+    ``modules_to_save`` names modules trained in full alongside (PEFT's option of the same
+    name), e.g. a fresh classification head."""
+
+    method = "lora"
+
+    rank: int = 8
+    alpha: float = 16.0
+    targets: tuple[str, ...] = ("query", "value")
+    target_pattern: str | None = None
+    modules_to_save: tuple[str, ...] = ()
+    init_seed: int = 0
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.rank, int) or isinstance(self.rank, bool) or self.rank <= 0:
+            raise SpecError(f"`rank` must be an integer > 0, got {self.rank!r}")
+        if not isinstance(self.alpha, (int, float)) or not math.isfinite(self.alpha) or self.alpha <= 0:
+            raise SpecError(f"`alpha` must be a finite number > 0, got {self.alpha!r}")
+        object.__setattr__(self, "alpha", float(self.alpha))
+        object.__setattr__(self, "targets", as_name_tuple("targets", self.targets))
+        object.__setattr__(self, "modules_to_save", as_name_tuple("modules_to_save", self.modules_to_save))
+        check_pattern("target_pattern", self.target_pattern)
+        if not self.targets and self.target_pattern is None:
+            raise SpecError("LoRA needs `targets` or `target_pattern`: name the Linear layers to adapt")
+
+    @property
+    def scaling(self) -> float:
+        return self.alpha / self.rank

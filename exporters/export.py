@@ -1,0 +1,177 @@
+"""export_bundle: PyTorch model -> PEFT injection -> int8 frozen ONNX -> ORT training
+artifacts + inference model + initial adapter -> one bundle file."""
+from __future__ import annotations
+
+import copy
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal, Sequence
+
+import numpy as np
+import onnx
+import torch
+import torch.nn as nn
+
+import edgepeft
+from edgepeft import names
+from edgepeft.adapters import AdapterStore
+from edgepeft.bundle import write_bundle
+from edgepeft.errors import ExportError, SpecError
+from edgepeft.exporters import onnx_graph, ort_artifacts
+from edgepeft.exporters.peft import Trainable, inject
+from edgepeft.exporters.quantize import quantize_frozen
+from edgepeft.exporters.zoo import ModelSource, state_sha256
+from edgepeft.manifest import IOInfo, Manifest, TensorInfo
+from edgepeft.specs import MethodSpec
+
+OPSET = 17
+LOSSES = ("cross_entropy",)
+_DTYPES = {torch.int64: "int64", torch.int32: "int32", torch.float32: "float32"}
+
+
+@dataclass
+class ExportResult:
+    path: Path
+    manifest: Manifest
+    # The injected eager model with exactly the bundle's weights (int8 ones dequantized): the
+    # reference that runtime parity is checked against.
+    reference: nn.Module
+    trainables: list[Trainable]
+
+
+def export_bundle(
+    model: nn.Module | ModelSource,
+    example_inputs: dict[str, torch.Tensor] | None = None,
+    *,
+    methods: Sequence[MethodSpec],
+    out: str | Path,
+    loss: Literal["cross_entropy"] = "cross_entropy",
+    quant: Literal["int8", "none"] = "int8",
+    labels: Sequence[str] | None = None,
+    tokenizer_json: str | None = None,
+    max_length: int = 128,
+    dynamic_axes: dict[str, dict[int, str]] | None = None,
+    name: str | None = None,
+) -> ExportResult:
+    """Export ``model`` with ``methods`` injected into the bundle file ``out``.
+
+    ``model`` is an eager module (then ``example_inputs`` maps input names to example
+    tensors, in forward's argument order) or a zoo ``ModelSource`` that carries them."""
+    if isinstance(model, ModelSource):
+        src = model
+    else:
+        if example_inputs is None:
+            raise SpecError("`example_inputs` is required with a plain nn.Module: {input name: example tensor}")
+        n_out = _num_outputs(model, example_inputs)
+        src = ModelSource(name or type(model).__name__, model, dict(example_inputs),
+                          tuple(labels) if labels else tuple(str(i) for i in range(n_out)),
+                          tokenizer_json=tokenizer_json, max_length=max_length,
+                          dynamic_axes=dynamic_axes or {k: {0: "batch"} for k in example_inputs})
+    if loss not in LOSSES:
+        raise SpecError(f"`loss` must be one of {LOSSES}, got {loss!r}")
+    if quant not in ("int8", "none"):
+        raise SpecError(f"`quant` must be 'int8' or 'none', got {quant!r}")
+    out = Path(out)
+
+    source_hash = state_sha256(src.model)
+    ref = copy.deepcopy(src.model).eval()  # never mutate the caller's model
+    base_params = sum(p.numel() for p in ref.parameters())
+    trainables = inject(ref, methods)
+    trainable_names = [t.name for t in trainables]
+    quantized = quantize_frozen(ref, set(trainable_names)) if quant == "int8" else {}
+
+    with tempfile.TemporaryDirectory(prefix="edgepeft-export-") as tmp_s:
+        tmp = Path(tmp_s)
+        forward = _to_onnx(ref, src, tmp / "forward.onnx")
+        inits = {i.name for i in forward.graph.initializer}
+        lost = [n for n in trainable_names if n not in inits]
+        if lost:
+            raise ExportError(f"the exported graph lost the names of trainable tensors {lost[:5]}; "
+                              "they must reach ONNX as named initializers")
+        added = onnx_graph.apply_int8(forward, quantized)
+        onnx_graph.add_layernorm_stats(forward)
+        onnx.checker.check_model(forward)
+        frozen = sorted({i.name for i in forward.graph.initializer} - set(trainable_names))
+
+        files: dict[str, Path] = {}
+        inference = onnx_graph.expose_as_inputs(forward, trainable_names)
+        onnx.save(inference, tmp / names.INFERENCE_MODEL)
+        files[names.INFERENCE_MODEL] = tmp / names.INFERENCE_MODEL
+        roles = ort_artifacts.generate(forward, trainable_names, frozen, tmp / names.ORT_DIR)
+        for member in roles.values():
+            files[member] = tmp / member
+        if src.tokenizer_json is not None:
+            (tmp / names.TOKENIZER).write_text(src.tokenizer_json)
+            files[names.TOKENIZER] = tmp / names.TOKENIZER
+
+        manifest = Manifest(
+            schema_version=names.SCHEMA_VERSION,
+            sdk_version=edgepeft.__version__,
+            model_name=src.name,
+            model_sha256=source_hash,
+            task=src.task,
+            loss=loss,
+            methods=tuple(methods),
+            trainable=tuple(TensorInfo(t.name, t.peft_key, tuple(t.param.shape), t.method) for t in trainables),
+            inputs=tuple(IOInfo(k, _DTYPES.get(v.dtype, str(v.dtype)),
+                                tuple(src.dynamic_axes.get(k, {}).get(i, d) for i, d in enumerate(v.shape)))
+                         for k, v in src.example_inputs.items()),
+            outputs=(IOInfo(names.LOGITS_OUTPUT, "float32", ("batch", len(src.labels))),),
+            labels=tuple(src.labels),
+            max_length=src.max_length,
+            quantization={
+                "scheme": "int8-symmetric-per-row" if quantized else "none",
+                "tensors": sorted(quantized),
+                "params": int(sum(q.q.size for q in quantized.values())),
+                "int8_bytes": int(sum(q.q.nbytes + q.scale.nbytes for q in quantized.values())),
+                "fp32_bytes": int(sum(q.q.size * 4 for q in quantized.values())),
+            },
+            base_params=base_params,
+            backends={"ort-training": dict(roles), "onnx-inference": {"inference_model": names.INFERENCE_MODEL}},
+        )
+        store = AdapterStore(tmp / "adapters", manifest)
+        folder = store.save("initial", {t.name: t.param.detach().numpy() for t in trainables},
+                            meta={"steps": 0})
+        for f in folder.iterdir():
+            files[f"{names.INITIAL_ADAPTER_DIR}/{f.name}"] = f
+        manifest = write_bundle(out, manifest, files)
+    del added
+    return ExportResult(out, manifest, ref, trainables)
+
+
+def _num_outputs(model: nn.Module, example_inputs: dict[str, torch.Tensor]) -> int:
+    with torch.no_grad():
+        y = model(*example_inputs.values())
+    if not isinstance(y, torch.Tensor) or y.dim() != 2:
+        raise ExportError("the model must return logits of shape (batch, num_labels) for cross_entropy")
+    return int(y.shape[1])
+
+
+def _to_onnx(model: nn.Module, src: ModelSource, path: Path) -> onnx.ModelProto:
+    args = tuple(src.example_inputs.values())
+    axes = {k: v for k, v in src.dynamic_axes.items()}
+    axes[names.LOGITS_OUTPUT] = {0: "batch"}
+    try:
+        torch.onnx.export(
+            model, args, str(path), dynamo=False, opset_version=OPSET,
+            # No folding and no training-mode rewrites: parameters must reach ONNX as named
+            # initializers so the trainable ones can be found by name.
+            do_constant_folding=False, training=torch.onnx.TrainingMode.EVAL,
+            # Initializers as inputs also turns off the pass that merges equal-valued
+            # initializers (every zero-initialised lora_B would collapse into one).
+            keep_initializers_as_inputs=True,
+            input_names=list(src.example_inputs), output_names=[names.LOGITS_OUTPUT], dynamic_axes=axes,
+        )
+    except Exception as e:  # torch raises many types; the user needs to know export failed here
+        raise ExportError(f"torch.onnx.export failed for {src.name!r}: {type(e).__name__}: {e}") from e
+    m = onnx.load(str(path))
+    inits = {i.name for i in m.graph.initializer}
+    kept = [i for i in m.graph.input if i.name not in inits]
+    del m.graph.input[:]
+    m.graph.input.extend(kept)
+    return m
+
+
+def numpy_params(trainables: list[Trainable]) -> dict[str, np.ndarray]:
+    return {t.name: t.param.detach().numpy().copy() for t in trainables}

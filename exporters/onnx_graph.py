@@ -1,0 +1,105 @@
+"""Rewrites of the exported ONNX forward graph: int8 frozen weights, ORT-trainable LayerNorm,
+and overridable adapter inputs for the inference model."""
+from __future__ import annotations
+
+import onnx
+from onnx import TensorProto, helper, numpy_helper
+
+import numpy as np
+
+from edgepeft import names
+from edgepeft.errors import ExportError
+from edgepeft.exporters.quantize import QuantizedTensor
+
+
+def _consumers(graph: onnx.GraphProto, name: str) -> list[onnx.NodeProto]:
+    return [n for n in graph.node if name in n.input]
+
+
+def _is_row_gather(node: onnx.NodeProto, name: str) -> bool:
+    axis = next((a.i for a in node.attribute if a.name == "axis"), 0)
+    return node.op_type == "Gather" and node.input[0] == name and axis == 0
+
+
+def apply_int8(model: onnx.ModelProto, quantized: dict[str, QuantizedTensor]) -> list[str]:
+    """Replace each fp32 initializer in ``quantized`` by int8 + per-row scale.
+
+    A table only read by row Gathers (embeddings) is gathered as int8 rows and scaled after
+    the gather, so the fp32 table never exists at run time. Any other weight goes through a
+    DequantizeLinear whose output keeps the weight's name. Returns the new initializer names
+    (to list as frozen, or ORT's artifact builder folds them back to fp32)."""
+    g = model.graph
+    inits = {i.name: i for i in g.initializer}
+    added: list[str] = []
+    new_nodes: list[onnx.NodeProto] = []
+    for name, qt in quantized.items():
+        if name not in inits:
+            raise ExportError(f"quantized weight {name!r} is not an initializer of the exported graph")
+        g.initializer.remove(inits[name])
+        q_name, s_name = name + names.Q_SUFFIX, name + names.SCALE_SUFFIX
+        g.initializer.extend([numpy_helper.from_array(qt.q, q_name), numpy_helper.from_array(qt.scale, s_name)])
+        added += [q_name, s_name]
+        users = _consumers(g, name)
+        if users and all(_is_row_gather(n, name) for n in users):
+            for k, node in enumerate(users):
+                idx, out = node.input[1], node.output[0]
+                tag = f"{name}/int8_gather{k}"
+                node.input[0] = q_name
+                node.output[0] = tag + "/q"
+                new_nodes += [
+                    helper.make_node("Cast", [tag + "/q"], [tag + "/f"], to=TensorProto.FLOAT, name=tag + "/cast"),
+                    helper.make_node("Gather", [s_name, idx], [tag + "/s"], axis=0, name=tag + "/gather_scale"),
+                    helper.make_node("Unsqueeze", [tag + "/s", tag + "/axes"], [tag + "/su"], name=tag + "/unsq"),
+                    helper.make_node("Mul", [tag + "/f", tag + "/su"], [out], name=tag + "/mul"),
+                ]
+                g.initializer.append(numpy_helper.from_array(np.array([-1], dtype=np.int64), tag + "/axes"))
+                added.append(tag + "/axes")
+        else:
+            zp_name = name + names.ZP_SUFFIX
+            g.initializer.append(numpy_helper.from_array(np.zeros(qt.scale.shape, np.int8), zp_name))
+            added.append(zp_name)
+            new_nodes.append(helper.make_node("DequantizeLinear", [q_name, s_name, zp_name], [name], axis=0,
+                                              name=name + "/dequantize"))
+    # Producers first keeps the graph topologically sorted.
+    nodes = new_nodes + list(g.node)
+    del g.node[:]
+    g.node.extend(_toposort(nodes, {i.name for i in g.input} | {i.name for i in g.initializer}))
+    return added
+
+
+def _toposort(nodes: list[onnx.NodeProto], available: set[str]) -> list[onnx.NodeProto]:
+    ready, pending, out = set(available) | {""}, list(nodes), []
+    while pending:
+        progressed = False
+        rest = []
+        for n in pending:
+            if all(i in ready for i in n.input):
+                out.append(n)
+                ready.update(n.output)
+                progressed = True
+            else:
+                rest.append(n)
+        if not progressed:
+            raise ExportError(f"graph rewrite left {len(rest)} nodes with unresolved inputs (e.g. {rest[0].name})")
+        pending = rest
+    return out
+
+
+def add_layernorm_stats(model: onnx.ModelProto) -> None:
+    """ORT's LayerNormalization gradient needs the Mean and InvStdDev outputs, which the
+    opset-17 exporter omits."""
+    for node in model.graph.node:
+        if node.op_type == "LayerNormalization" and len(node.output) == 1:
+            node.output.extend([node.output[0] + "/mean", node.output[0] + "/inv_std"])
+
+
+def expose_as_inputs(model: onnx.ModelProto, tensor_names: list[str]) -> onnx.ModelProto:
+    """A copy whose ``tensor_names`` initializers are also graph inputs: ONNX Runtime uses the
+    stored values unless the caller feeds others, so any adapter can be fed at run time."""
+    m = onnx.ModelProto()
+    m.CopyFrom(model)
+    inits = {i.name: i for i in m.graph.initializer}
+    for n in tensor_names:
+        t = inits[n]
+        m.graph.input.append(helper.make_tensor_value_info(n, t.data_type, list(t.dims)))
+    return m

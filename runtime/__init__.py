@@ -1,0 +1,7 @@
+"""Device side of edgepeft (no torch, no onnx, no exporters): open a bundle, train, evaluate,
+infer, save and hot-swap adapters inside a memory budget. Imported as ``edgepeft.runtime``."""
+from edgepeft.data import Batch, Example, read_jsonl
+from edgepeft.optim import OptimizerSpec
+from edgepeft.runtime.session import EvalResult, NumericalError, Session
+
+__all__ = ["Batch", "EvalResult", "Example", "NumericalError", "OptimizerSpec", "Session", "read_jsonl"]

@@ -1,0 +1,76 @@
+"""Backend on ONNX Runtime's on-device training API (onnxruntime-training-cpu 1.19.2): the
+training graph gives loss and gradients; the session's numpy optimizer applies them."""
+from __future__ import annotations
+
+from typing import Mapping
+
+import numpy as np
+
+from edgepeft import names
+from edgepeft.bundle import OpenedBundle
+from edgepeft.data import Batch
+from edgepeft.errors import BackendError, DataError
+from edgepeft.runtime.backends._ort_import import training_api
+
+
+class OrtTrainingBackend:
+    name = "ort-training"
+
+    def __init__(self, bundle: OpenedBundle, *, threads: int | None = None):
+        if self.name not in bundle.manifest.backends:
+            raise BackendError(f"bundle {str(bundle.source)!r} has no ort-training artifacts; "
+                               f"it has {sorted(bundle.manifest.backends)}")
+        api = training_api()
+        import onnxruntime as ort
+
+        opts = ort.SessionOptions()
+        if threads:
+            # ORT re-pins its own threads and escapes taskset: the count must be explicit.
+            opts.intra_op_num_threads = threads
+            opts.inter_op_num_threads = 1
+        self._trainable = bundle.manifest.trainable_names
+        self._state = api.CheckpointState.load_checkpoint(str(bundle.path(names.ORT_CHECKPOINT)))
+        # The Module must exist before any parameter assignment (assigning into a bare
+        # CheckpointState segfaults in 1.19.2).
+        self._module = api.Module(str(bundle.path(names.ORT_TRAINING_MODEL)), self._state,
+                                  str(bundle.path(names.ORT_EVAL_MODEL)), device="cpu", session_options=opts)
+        self._inputs = list(self._module.input_names())
+
+    def _args(self, batch: Batch) -> list[np.ndarray]:
+        feeds = dict(batch.feeds)
+        # Inference through the eval graph: placeholder labels, the loss is ignored.
+        feeds[names.LABELS_INPUT] = batch.labels if batch.labels is not None else np.zeros(len(batch), np.int64)
+        missing = [n for n in self._inputs if n not in feeds]
+        if missing:
+            raise DataError(f"batch lacks model inputs {missing}; the bundle takes {self._inputs}")
+        return [feeds[n] for n in self._inputs]
+
+    def forward_backward(self, batch: Batch) -> tuple[float, dict[str, np.ndarray]]:
+        self._module.train()
+        out = self._module(*self._args(batch))
+        loss = float(out[0] if isinstance(out, tuple) else out)
+        params = self._state.parameters
+        grads = {n: np.array(params[n].grad, dtype=np.float32) for n in self._trainable}
+        self._module.lazy_reset_grad()
+        return loss, grads
+
+    def eval_step(self, batch: Batch) -> tuple[float, np.ndarray]:
+        self._module.eval()
+        loss, logits = self._module(*self._args(batch))
+        return float(loss), np.asarray(logits)
+
+    def infer(self, feeds: Mapping[str, np.ndarray]) -> np.ndarray:
+        # The eval graph serves inference too: same weights, no second copy of the base.
+        return self.eval_step(Batch(dict(feeds), None))[1]
+
+    def named_parameters(self) -> dict[str, np.ndarray]:
+        params = self._state.parameters
+        return {n: params[n].data.copy() for n in self._trainable}
+
+    def load_parameters(self, tensors: Mapping[str, np.ndarray]) -> None:
+        params = self._state.parameters
+        for n in self._trainable:
+            params[n] = np.ascontiguousarray(tensors[n], dtype=np.float32)
+
+    def close(self) -> None:
+        self._module = self._state = None

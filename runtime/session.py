@@ -1,0 +1,226 @@
+"""Session: one bundle's frozen base in memory, one active adapter at a time, hot-swappable.
+
+Adapters seen in this session are kept in memory (they are small), so swapping back and forth
+restores each adapter exactly as it was, saved or not; ``save_adapter`` writes the active one
+to the store atomically."""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterable, Mapping, Sequence
+
+import numpy as np
+
+from edgepeft import names
+from edgepeft.adapters import AdapterStore, check_adapter_name
+from edgepeft.bundle import OpenedBundle, open_bundle
+from edgepeft.data import Batch, Example, TextEncoder
+from edgepeft.errors import AdapterError, DataError, EdgePeftError
+from edgepeft.manifest import Manifest
+from edgepeft.memory import parse_size
+from edgepeft.optim import Optimizer, OptimizerSpec
+from edgepeft.runtime.backends import Backend, make_backend
+from edgepeft.runtime.budget import MemoryBudget, static_bytes
+
+
+class NumericalError(EdgePeftError):
+    """A step produced a non-finite loss or parameters; the adapter was restored."""
+
+
+@dataclass(frozen=True)
+class EvalResult:
+    loss: float
+    accuracy: float
+    n: int
+
+
+def default_store(bundle_path: Path) -> Path:
+    p = Path(bundle_path)
+    return p.with_name(p.stem + ".adapters")
+
+
+@dataclass
+class _Adapter:
+    """An adapter held in memory: its tensors (the source of truth), its optimizer, its steps."""
+
+    tensors: dict[str, np.ndarray]
+    optimizer: Optimizer
+    steps: int = 0
+
+
+class Session:
+    """Use ``Session.open``."""
+
+    def __init__(self, bundle: OpenedBundle, backend: Backend, store: AdapterStore, budget: MemoryBudget,
+                 optimizer: OptimizerSpec):
+        self.bundle = bundle
+        self.backend = backend
+        self.store = store
+        self.budget = budget
+        self.optimizer_spec = optimizer
+        self._encoder: TextEncoder | None = None
+        self._others: dict[str, _Adapter] = {}
+        self._name = ""
+        self._cur: _Adapter | None = None
+
+    @classmethod
+    def open(cls, path: str | Path, *, memory_budget: int | str | None = None, adapter: str = "default",
+             store: str | Path | None = None, backend: str = "auto", threads: int | None = None,
+             optimizer: OptimizerSpec | None = None, cache_dir: str | Path | None = None) -> "Session":
+        """Open a bundle for training and inference with ``adapter`` active: the stored adapter of
+        that name if there is one, else a new adapter starting from the bundle's initial one.
+
+        ``memory_budget`` (bytes or '512MB') caps what this session adds to the process's
+        resident memory: checked against the bundle's static size before loading, and
+        measured after every phase (MemoryBudgetError when over)."""
+        check_adapter_name(adapter)
+        budget = MemoryBudget(parse_size(memory_budget))
+        budget.start()
+        bundle = open_bundle(Path(path), Path(cache_dir) if cache_dir else None)
+        budget.precheck(static_bytes(bundle), f"bundle {Path(path).name!r}")
+        budget.begin()
+        be = make_backend(backend, bundle, threads=threads)
+        store_dir = Path(store) if store else default_store(Path(path))
+        s = cls(bundle, be, AdapterStore(store_dir, bundle.manifest), budget, optimizer or OptimizerSpec())
+        s._cur = s._load(adapter, create=True)
+        s._name = adapter
+        be.load_parameters(s._cur.tensors)
+        budget.end("open")
+        return s
+
+    # -- adapters --------------------------------------------------------------------------
+    @property
+    def manifest(self) -> Manifest:
+        return self.bundle.manifest
+
+    @property
+    def adapter(self) -> str:
+        """The active adapter's name."""
+        return self._name
+
+    @property
+    def steps(self) -> int:
+        """Optimizer steps the active adapter has taken (across saves and sessions)."""
+        return self._cur.steps
+
+    def adapters(self) -> list[str]:
+        """Adapters in the store, and those created in this session but not saved yet."""
+        return sorted(set(self.store.names()) | set(self._others) | {self._name})
+
+    def _load(self, name: str, *, create: bool) -> _Adapter:
+        opt = Optimizer(self.optimizer_spec)
+        if self.store.exists(name):
+            tensors, meta = self.store.load(name)
+            state = self.store.load_optimizer(name)
+            if state is not None:
+                opt.load_state_dict(*state)
+            return _Adapter(tensors, opt, int(meta.get("steps", 0)))
+        if create:
+            initial = AdapterStore(self.bundle.root / "adapters", self.manifest).load("initial")[0]
+            return _Adapter(initial, opt, 0)
+        raise AdapterError(f"no adapter {name!r} (have {self.adapters()}); pass create=True to start a new one")
+
+    def swap_adapter(self, name: str, *, create: bool = False) -> None:
+        """Make ``name`` active in place (the frozen base is not reloaded). The adapter it
+        replaces stays in memory as it is, optimizer state included, saved or not."""
+        check_adapter_name(name)
+        if name == self._name:
+            return
+        nxt = self._others.pop(name, None) or self._load(name, create=create)
+        self.backend.load_parameters(nxt.tensors)
+        self._others[self._name] = self._cur
+        self._name, self._cur = name, nxt
+
+    def save_adapter(self, name: str | None = None) -> Path:
+        """Write the active adapter and its optimizer state to the store, atomically, as
+        ``name`` (default: the active adapter's own name)."""
+        target = check_adapter_name(name or self._name)
+        return self.store.save(target, self._cur.tensors,
+                               meta={"steps": self._cur.steps, "backend": self.backend.name},
+                               optimizer=self._cur.optimizer.state_dict())
+
+    def parameters(self) -> dict[str, np.ndarray]:
+        """Copies of the active adapter's tensors, read back from the backend."""
+        return self.backend.named_parameters()
+
+    # -- data ------------------------------------------------------------------------------
+    @property
+    def encoder(self) -> TextEncoder:
+        if self._encoder is None:
+            if names.TOKENIZER not in self.manifest.members:
+                raise DataError("this bundle has no tokenizer: pass Batch objects of model inputs instead of texts")
+            self._encoder = TextEncoder(self.bundle.path(names.TOKENIZER), self.manifest)
+        return self._encoder
+
+    def _as_batch(self, batch: Batch | Sequence[Example], need_labels: bool) -> Batch:
+        if isinstance(batch, Batch):
+            b = batch
+        else:
+            batch = list(batch)
+            if not batch:
+                raise DataError("empty batch")
+            b = self.encoder.batch(batch)
+        if need_labels and b.labels is None:
+            raise DataError("training and evaluation need labels")
+        return b
+
+    # -- steps -----------------------------------------------------------------------------
+    def train_step(self, batch: Batch | Sequence[Example]) -> float:
+        """One optimizer step on the active adapter; returns the loss (before the step). A step
+        whose loss, gradients or updated tensors are not finite changes nothing and raises
+        NumericalError."""
+        b = self._as_batch(batch, need_labels=True)
+        self.budget.begin()
+        loss, grads = self.backend.forward_backward(b)
+        cur = self._cur
+        bad = not math.isfinite(loss) or not all(np.all(np.isfinite(g)) for g in grads.values())
+        if not bad:
+            saved = cur.optimizer.state_dict()
+            new = cur.optimizer.step(cur.tensors, grads)
+            bad = not all(np.all(np.isfinite(v)) for v in new.values())
+            if bad:
+                cur.optimizer.load_state_dict(*saved)
+        if bad:
+            raise NumericalError(f"a step on adapter {self._name!r} gave a non-finite loss ({loss}), gradient or "
+                                 "update; nothing was changed: lower the learning rate or check the data")
+        self.backend.load_parameters(new)
+        cur.tensors = new
+        cur.steps += 1
+        self.budget.end("train_step")
+        return loss
+
+    def evaluate(self, batches: Iterable[Batch | Sequence[Example]]) -> EvalResult:
+        """Mean loss and accuracy over ``batches`` (weighted by batch size)."""
+        total_loss, correct, n = 0.0, 0, 0
+        self.budget.begin()
+        for batch in batches:
+            b = self._as_batch(batch, need_labels=True)
+            loss, logits = self.backend.eval_step(b)
+            total_loss += loss * len(b)
+            correct += int((logits.argmax(axis=-1) == b.labels).sum())
+            n += len(b)
+        self.budget.end("evaluate")
+        if n == 0:
+            raise DataError("evaluate() got no batches")
+        return EvalResult(total_loss / n, correct / n, n)
+
+    def infer(self, inputs: Sequence[str] | Mapping[str, np.ndarray]) -> np.ndarray:
+        """Logits for texts (tokenized with the bundle's tokenizer) or for model input arrays."""
+        feeds = dict(inputs) if isinstance(inputs, Mapping) else self.encoder.encode(list(inputs))
+        self.budget.begin()
+        out = self.backend.infer(feeds)
+        self.budget.end("infer")
+        return out
+
+    def predict(self, texts: Sequence[str]) -> list[str]:
+        return [self.manifest.labels[i] for i in self.infer(texts).argmax(axis=-1)]
+
+    def close(self) -> None:
+        self.backend.close()
+
+    def __enter__(self) -> "Session":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
