@@ -28,7 +28,7 @@ def find_modules(model: nn.Module, names: tuple[str, ...], pattern: str | None,
     if wrong:
         raise TargetError(f"{what}: {wrong[:5]} are not {kind.__name__} layers; only {kind.__name__} is supported")
     if not hits:
-        have = [n for n, m in model.named_modules() if isinstance(m, kind)]
+        have = [n for n, m in model.named_modules() if n and isinstance(m, kind)]
         short = sorted({n.rsplit('.', 1)[-1] for n in have})
         raise TargetError(
             f"{what}: no layer matches targets {list(names)}"

@@ -42,7 +42,8 @@ def inject_lora(model: nn.Module, spec: LoraSpec) -> list[Trainable]:
         set_submodule(model, mod_name, wrapped)
         for suffix, p in wrapped.adapter_params().items():
             out.append(Trainable(f"{mod_name}.{suffix}", f"{names.PEFT_PREFIX}{mod_name}.{suffix}.weight", "lora", p))
-    for mod_name, mod in find_modules(model, spec.modules_to_save, None, nn.Module, "modules_to_save"):
+    saved = find_modules(model, spec.modules_to_save, None, nn.Module, "modules_to_save") if spec.modules_to_save else []
+    for mod_name, mod in saved:
         for pname, p in mod.named_parameters():
             full = f"{mod_name}.{pname}"
             out.append(Trainable(full, f"{names.PEFT_PREFIX}{full}", "modules_to_save", p))

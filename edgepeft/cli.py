@@ -1,0 +1,210 @@
+"""The `edgepeft` command. Thin click commands over the library; user errors (EdgePeftError)
+print as one line without a traceback."""
+from __future__ import annotations
+
+import itertools
+import json
+import sys
+from pathlib import Path
+
+import click
+
+import edgepeft
+from edgepeft.errors import EdgePeftError
+
+
+class _Group(click.Group):
+    def invoke(self, ctx: click.Context):
+        try:
+            return super().invoke(ctx)
+        except EdgePeftError as e:
+            raise click.ClickException(str(e)) from None
+
+
+def _console():
+    from rich.console import Console
+
+    return Console(stderr=False, highlight=False)
+
+
+@click.group(cls=_Group)
+@click.version_option(edgepeft.__version__, prog_name="edgepeft")
+def main() -> None:
+    """edgepeft: parameter-efficient fine-tuning on the device.
+
+    Export a PyTorch model with PEFT adapters into a bundle (host), then train, evaluate and
+    hot-swap adapters over its frozen int8 base (device)."""
+
+
+def _names(value: str | None) -> tuple[str, ...]:
+    return tuple(x.strip() for x in value.split(",") if x.strip()) if value else ()
+
+
+@main.command()
+@click.option("--model", "model_ref", required=True,
+              help="tiny-encoder, minilm, or pkg.module:factory returning an edgepeft.exporters.ModelSource.")
+@click.option("--out", required=True, type=click.Path(dir_okay=False, path_type=Path), help="Bundle file to write.")
+@click.option("--rank", default=8, show_default=True, help="LoRA rank.")
+@click.option("--alpha", default=16.0, show_default=True, help="LoRA alpha (scaling = alpha / rank).")
+@click.option("--targets", default="query,value", show_default=True, help="Comma-separated Linear layer names for LoRA.")
+@click.option("--modules-to-save", default="classifier", show_default=True,
+              help="Comma-separated modules trained in full (e.g. a new head); empty for none.")
+@click.option("--labels", default=None, help="Comma-separated class labels (default: the model's own).")
+@click.option("--quant", type=click.Choice(["int8", "none"]), default="int8", show_default=True,
+              help="Frozen base weights as int8 (per-row scales) or fp32.")
+def export(model_ref: str, out: Path, rank: int, alpha: float, targets: str, modules_to_save: str,
+           labels: str | None, quant: str) -> None:
+    """Export a model with LoRA into a bundle (host side; needs torch)."""
+    try:
+        from edgepeft.exporters import export_bundle, load_model
+    except ImportError as e:
+        raise click.ClickException(f"export needs the host side ({e.name} missing): pip install 'edgepeft[export]'")
+    from edgepeft.specs import LoraSpec
+
+    spec = LoraSpec(rank=rank, alpha=alpha, targets=_names(targets), modules_to_save=_names(modules_to_save))
+    kwargs = {"labels": _names(labels)} if labels else {}
+    src = load_model(model_ref, **kwargs)
+    res = export_bundle(src, methods=[spec], quant=quant, out=out)
+    m = res.manifest
+    click.echo(f"wrote {out} ({out.stat().st_size / 1e6:.1f} MB): {m.model_name}, "
+               f"{m.trainable_params:,} trainable of {m.base_params:,} params "
+               f"({100 * m.trainable_params / m.base_params:.2f}%), base {m.quantization['scheme']}")
+
+
+@main.command()
+@click.argument("bundle", type=click.Path(path_type=Path))
+@click.option("--json", "as_json", is_flag=True, help="Print the manifest as JSON.")
+def inspect(bundle: Path, as_json: bool) -> None:
+    """Show what a bundle holds: model, methods, trainable tensors, quantization, members."""
+    from edgepeft.bundle import read_manifest
+
+    m = read_manifest(bundle)
+    if as_json:
+        click.echo(m.to_json())
+        return
+    from rich.table import Table
+
+    c = _console()
+    c.print(f"[bold]{bundle}[/]  schema v{m.schema_version}, written by edgepeft {m.sdk_version}")
+    c.print(f"model {m.model_name} (sha256 {m.model_sha256[:12]}), task {m.task}, loss {m.loss}, "
+            f"labels {list(m.labels)}, max length {m.max_length}")
+    c.print(f"base params {m.base_params:,}; trainable {m.trainable_params:,} "
+            f"({100 * m.trainable_params / m.base_params:.3f}%); frozen base {m.quantization.get('scheme')}")
+    c.print(f"inputs {[(i.name, i.dtype, list(i.shape)) for i in m.inputs]}; backends {sorted(m.backends)}")
+    by_method: dict[str, int] = {}
+    for t in m.trainable:
+        by_method[t.method] = by_method.get(t.method, 0) + t.numel
+    tab = Table("method", "spec", "trainable params", "% of base")
+    for spec in m.methods:
+        tab.add_row(spec.method, json.dumps({k: v for k, v in spec.to_dict().items() if k != "method"}), "", "")
+    for meth, n in by_method.items():
+        tab.add_row(meth, "", f"{n:,}", f"{100 * n / m.base_params:.3f}")
+    c.print(tab)
+    mem = Table("member", "sha256")
+    for name, digest in m.members.items():
+        mem.add_row(name, digest[:16])
+    c.print(mem)
+
+
+@main.command()
+@click.argument("bundle", type=click.Path(path_type=Path))
+@click.option("--data", required=True, type=click.Path(path_type=Path), help='JSONL: {"text": ..., "label": ...}.')
+@click.option("--adapter", required=True, help="Adapter to train (created from the bundle's initial one if new).")
+@click.option("--steps", default=20, show_default=True, type=click.IntRange(min=1), help="Optimizer steps.")
+@click.option("--batch-size", default=8, show_default=True, type=click.IntRange(min=1))
+@click.option("--lr", default=1e-3, show_default=True, type=float, help="AdamW learning rate.")
+@click.option("--eval-data", type=click.Path(path_type=Path), help="JSONL to evaluate before and after.")
+@click.option("--store", type=click.Path(file_okay=False, path_type=Path),
+              help="Adapter folder (default: BUNDLE's name with .adapters).")
+@click.option("--budget", default=None, help="Memory budget, e.g. 512MB.", envvar="EDGEPEFT_MEMORY_BUDGET")
+@click.option("--threads", default=None, type=click.IntRange(min=1), help="Compute threads.")
+@click.option("--seed", default=0, show_default=True, help="Shuffling seed.")
+def train(bundle: Path, data: Path, adapter: str, steps: int, batch_size: int, lr: float, eval_data: Path | None,
+          store: Path | None, budget: str | None, threads: int | None, seed: int) -> None:
+    """Train an adapter on a JSONL file, then save it (device side)."""
+    from edgepeft.data import read_jsonl
+    from edgepeft.memory import fmt_bytes
+    from edgepeft.optim import OptimizerSpec
+    from edgepeft.runtime import Session
+
+    examples = read_jsonl(data)
+    held_out = read_jsonl(eval_data) if eval_data else None
+    s = Session.open(bundle, memory_budget=budget, adapter=adapter, store=store, threads=threads,
+                     optimizer=OptimizerSpec(lr=lr))
+    enc = s.encoder
+    enc.label_array([e.label for e in examples])  # refuse unknown labels before training
+    c = _console()
+    if held_out:
+        r = s.evaluate(enc.batches(held_out, 16))
+        c.print(f"before: loss {r.loss:.4f}, accuracy {r.accuracy:.3f} on {r.n}")
+    epochs = (enc.batches(examples, batch_size, shuffle=True, seed=seed + e) for e in itertools.count())
+    batches = itertools.chain.from_iterable(epochs)
+    loss = float("nan")
+    with _progress(c) as prog:
+        task = prog.add_task(f"training {adapter}", total=steps)
+        for _ in range(steps):
+            loss = s.train_step(next(batches))
+            prog.update(task, advance=1, description=f"training {adapter} loss {loss:.4f}")
+    path = s.save_adapter()
+    c.print(f"last loss {loss:.4f}; adapter {adapter!r} ({s.steps} steps in all) saved to {path}")
+    if held_out:
+        r = s.evaluate(enc.batches(held_out, 16))
+        c.print(f"after: loss {r.loss:.4f}, accuracy {r.accuracy:.3f} on {r.n}")
+    c.print("memory above start: " + ", ".join(f"{k} {fmt_bytes(v)}" for k, v in s.budget.peaks.items()))
+
+
+def _progress(console):
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                    console=console, transient=False, disable=not sys.stdout.isatty())
+
+
+@main.group(cls=_Group)
+def adapters() -> None:
+    """Manage a bundle's adapters."""
+
+
+@adapters.command("list")
+@click.argument("bundle", type=click.Path(path_type=Path))
+@click.option("--store", type=click.Path(file_okay=False, path_type=Path), help="Adapter folder.")
+@click.option("--json", "as_json", is_flag=True)
+def adapters_list(bundle: Path, store: Path | None, as_json: bool) -> None:
+    """List the adapters stored for BUNDLE."""
+    from edgepeft.adapters import AdapterStore
+    from edgepeft.bundle import read_manifest
+    from edgepeft.runtime.session import default_store
+
+    m = read_manifest(bundle)
+    st = AdapterStore(store or default_store(bundle), m)
+    rows = []
+    for name in st.names():
+        meta = {}
+        try:
+            meta = json.loads((st.folder(name) / "edgepeft_adapter.json").read_text())
+        except (OSError, ValueError):
+            pass
+        rows.append({"name": name, "steps": meta.get("steps"), "backend": meta.get("backend"),
+                     "fits_bundle": meta.get("model_sha256") == m.model_sha256, "path": str(st.folder(name))})
+    if as_json:
+        click.echo(json.dumps(rows, indent=2))
+    elif not rows:
+        click.echo(f"no adapters in {st.root}")
+    else:
+        for r in rows:
+            click.echo(f"{r['name']}\tsteps={r['steps']}\tbackend={r['backend']}\t{r['path']}")
+
+
+@main.command()
+@click.option("--out", default="out/demo", show_default=True, type=click.Path(file_okay=False, path_type=Path))
+@click.option("--steps", default=30, show_default=True, type=click.IntRange(min=1), help="Training steps per user.")
+@click.option("--budget", default="1GB", show_default=True, help="Memory budget of the device session.")
+def demo(out: Path, steps: int, budget: str) -> None:
+    """Export MiniLM + LoRA (int8 base), personalize two users on BBC News, hot-swap."""
+    from edgepeft.demo import run_demo
+
+    run_demo(out, steps=steps, budget=budget)
+
+
+if __name__ == "__main__":
+    main()

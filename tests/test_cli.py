@@ -1,0 +1,105 @@
+"""The CLI end to end on the tiny model: export, inspect, train, adapters list, and user errors
+shown as one line without a traceback."""
+from __future__ import annotations
+
+import json
+import textwrap
+
+import pytest
+from click.testing import CliRunner
+
+from edgepeft.cli import main
+
+TEXTS = [("a wonderful, lovely film", "pos"), ("dreadful and boring", "neg"),
+         ("great acting, great story", "pos"), ("awful plot, bad acting", "neg")]
+
+
+@pytest.fixture(scope="module")
+def cli_env(tmp_path_factory):
+    d = tmp_path_factory.mktemp("cli")
+    env = {"EDGEPEFT_CACHE": str(d / "cache")}
+    runner = CliRunner(env=env)
+    bundle = d / "tiny.edgepeft"
+    r = runner.invoke(main, ["export", "--model", "tiny-encoder", "--out", str(bundle), "--rank", "4"])
+    assert r.exit_code == 0, r.output
+    data = d / "train.jsonl"
+    data.write_text("\n".join(json.dumps({"text": t, "label": lab}) for t, lab in TEXTS * 4) + "\n")
+    return runner, d, bundle, data
+
+
+def test_export_reports_trainable_share(cli_env):
+    runner, d, bundle, _ = cli_env
+    assert bundle.is_file()
+    r = runner.invoke(main, ["export", "--model", "tiny-encoder", "--out", str(d / "x.edgepeft"), "--rank", "2",
+                             "--quant", "none", "--modules-to-save", ""])
+    assert r.exit_code == 0, r.output
+    assert "trainable of" in r.output and "base none" in r.output
+
+
+def test_inspect_text_and_json(cli_env):
+    runner, _, bundle, _ = cli_env
+    r = runner.invoke(main, ["inspect", str(bundle)])
+    assert r.exit_code == 0, r.output
+    assert "tiny-encoder" in r.output and "lora" in r.output and "int8" in r.output
+    r = runner.invoke(main, ["inspect", str(bundle), "--json"])
+    m = json.loads(r.output)
+    assert m["schema_version"] == 1 and m["labels"] == ["neg", "pos"]
+    assert {t["method"] for t in m["trainable"]} == {"lora", "modules_to_save"}
+    assert all(len(v) == 64 for v in m["members"].values())
+
+
+def test_train_then_list(cli_env):
+    runner, d, bundle, data = cli_env
+    store = d / "store"
+    r = runner.invoke(main, ["train", str(bundle), "--data", str(data), "--adapter", "alice", "--steps", "6",
+                             "--batch-size", "4", "--lr", "1e-2", "--eval-data", str(data), "--store", str(store)])
+    assert r.exit_code == 0, r.output
+    assert "saved to" in r.output and "before:" in r.output and "after:" in r.output
+    assert (store / "alice" / "adapter_model.safetensors").is_file()
+    r = runner.invoke(main, ["adapters", "list", str(bundle), "--store", str(store), "--json"])
+    rows = json.loads(r.output)
+    assert [(x["name"], x["steps"], x["fits_bundle"]) for x in rows] == [("alice", 6, True)]
+    # Training continues from the saved adapter: the step count adds up.
+    r = runner.invoke(main, ["train", str(bundle), "--data", str(data), "--adapter", "alice", "--steps", "2",
+                             "--store", str(store)])
+    assert r.exit_code == 0, r.output
+    assert "(8 steps in all)" in r.output
+
+
+@pytest.mark.parametrize("args_fn, needle", [
+    (lambda d, b, data: ["inspect", str(d / "missing.edgepeft")], "does not exist"),
+    (lambda d, b, data: ["train", str(b), "--data", str(d / "bad.jsonl"), "--adapter", "a"], "bad.jsonl:1"),
+    (lambda d, b, data: ["train", str(b), "--data", str(d / "unknown.jsonl"), "--adapter", "a"], "not in the bundle's label set"),
+    (lambda d, b, data: ["train", str(b), "--data", str(data), "--adapter", "../evil"], "not allowed"),
+    (lambda d, b, data: ["train", str(b), "--data", str(data), "--adapter", "a", "--budget", "1KB"], "memory budget"),
+    (lambda d, b, data: ["export", "--model", "tiny-encoder", "--out", str(d / "y.edgepeft"), "--targets", "qkv"],
+     "query"),
+    (lambda d, b, data: ["export", "--model", "nosuchmodel", "--out", str(d / "y.edgepeft")], "tiny-encoder"),
+])
+def test_user_errors_are_one_line(cli_env, args_fn, needle):
+    runner, d, bundle, data = cli_env
+    (d / "bad.jsonl").write_text('{"text": "no label here"}\n')
+    (d / "unknown.jsonl").write_text('{"text": "x", "label": "maybe"}\n')
+    r = runner.invoke(main, args_fn(d, bundle, data))
+    assert r.exit_code == 1, r.output
+    assert r.output.startswith("Error: ") and needle in r.output
+    assert "Traceback" not in r.output and r.exception is None or isinstance(r.exception, SystemExit)
+
+
+def test_user_model_factory(cli_env, tmp_path, monkeypatch):
+    runner, *_ = cli_env
+    (tmp_path / "mymodels.py").write_text(textwrap.dedent("""
+        from edgepeft.exporters.zoo import tiny_encoder
+
+        def sentiment(labels=("bad", "ok", "good")):
+            src = tiny_encoder(labels=labels, seed=3)
+            src.name = "my-sentiment"
+            return src
+    """))
+    monkeypatch.syspath_prepend(str(tmp_path))
+    out = tmp_path / "mine.edgepeft"
+    r = runner.invoke(main, ["export", "--model", "mymodels:sentiment", "--out", str(out)])
+    assert r.exit_code == 0, r.output
+    r = runner.invoke(main, ["inspect", str(out), "--json"])
+    m = json.loads(r.output)
+    assert m["model_name"] == "my-sentiment" and m["labels"] == ["bad", "ok", "good"]
