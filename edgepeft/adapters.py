@@ -76,8 +76,9 @@ class AdapterStore:
         return sorted(p.name for p in self.root.iterdir() if p.is_dir() and _NAME.match(p.name))
 
     def exists(self, name: str) -> bool:
+        """A folder of that name is present (complete or not: ``load`` tells which)."""
         self._recover(name)
-        return (self.folder(name) / names.ADAPTER_WEIGHTS).is_file()
+        return self.folder(name).is_dir()
 
     # -- write ---------------------------------------------------------------------------------
     def save(self, name: str, tensors: Mapping[str, np.ndarray], meta: Mapping[str, Any] | None = None,
@@ -140,9 +141,12 @@ class AdapterStore:
         folder = self.folder(name)
         self._recover(name)
         weights = folder / names.ADAPTER_WEIGHTS
-        if not weights.is_file():
+        if not folder.is_dir():
             have = self.names()
             raise AdapterError(f"no adapter {name!r} in {str(self.root)!r} (have: {have or 'none'})")
+        if not weights.is_file():
+            raise AdapterError(f"adapter {name!r} in {str(self.root)!r} is incomplete (no {names.ADAPTER_WEIGHTS}); "
+                               "restore it from a backup or delete the folder to start it afresh")
         try:
             meta = json.loads((folder / names.ADAPTER_META).read_text())
         except (OSError, ValueError):

@@ -85,6 +85,8 @@ class TextEncoder:
         self.dtypes = {i.name: _NP.get(i.dtype, np.int64) for i in manifest.inputs}
 
     def encode(self, texts: Sequence[str]) -> dict[str, np.ndarray]:
+        if not texts:
+            raise DataError("empty input: give at least one text")
         encs = self.tok.encode_batch(list(texts))
         t = max(len(e.ids) for e in encs)
         ids = np.full((len(encs), t), self.pad_id, dtype=self.dtypes["input_ids"])

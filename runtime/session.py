@@ -135,7 +135,7 @@ class Session:
     def save_adapter(self, name: str | None = None) -> Path:
         """Write the active adapter and its optimizer state to the store, atomically, as
         ``name`` (default: the active adapter's own name)."""
-        target = check_adapter_name(name or self._name)
+        target = check_adapter_name(self._name if name is None else name)
         return self.store.save(target, self._cur.tensors,
                                meta={"steps": self._cur.steps, "backend": self.backend.name},
                                optimizer=self._cur.optimizer.state_dict())

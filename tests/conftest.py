@@ -85,6 +85,9 @@ def open_session(tmp_path, cache_dir) -> Iterator[Callable]:
 
     def _open(path, *, adapter: str = "alice", store: Path | None = None, **kw):
         kw.setdefault("cache_dir", cache_dir)
+        # One ORT thread: ORT's spinning intra-op pool otherwise starves the eager torch
+        # reference running in the same process (a 2-core run gets ~20x slower).
+        kw.setdefault("threads", 1)
         s = Session.open(path, adapter=adapter, store=store or tmp_path / "store", **kw)
         opened.append(s)
         return s

@@ -131,19 +131,16 @@ def test_evaluate_weights_batches_by_size(open_session, bundle, reference, batch
 def test_gradients_match_autograd(open_session, bundle, reference, batches):
     s = open_session(bundle.path)
     params = trainable_params(reference, bundle.manifest)
-    # Move off the zero-initialised lora_B (where every lora_A gradient is exactly 0) so the
-    # comparison covers non-trivial gradients of every tensor.
-    g = torch.Generator().manual_seed(1)
-    with torch.no_grad():
-        for n, p in params.items():
-            p.add_(0.05 * torch.randn(p.shape, generator=g))
+    # Off the initial adapter (where every lora_A gradient is exactly 0), so the comparison
+    # covers non-trivial gradients of every tensor.
+    perturb(params)
     s.backend.load_parameters(as_numpy(params))
     for b in batches:
         reference.zero_grad()
         ref_loss, _ = torch_forward(reference, b)
         ref_loss.backward()
         loss, grads = s.backend.forward_backward(b)
-        assert loss == pytest.approx(float(ref_loss), abs=ATOL)
+        assert loss == pytest.approx(ref_loss.item(), abs=ATOL)
         want = {n: p.grad.numpy() for n, p in params.items()}
         assert_tensors_close(grads, want, ATOL)
         assert all(float(np.abs(v).max()) > 0 for v in grads.values())
@@ -174,11 +171,33 @@ OPTIMIZERS = [
 ]
 
 
+def perturb(params: dict[str, torch.nn.Parameter], seed: int = 1) -> None:
+    """Move the adapter off its zero-initialised lora_B (where every lora_A gradient is 0)."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in params.values():
+            p.add_(0.05 * torch.randn(p.shape, generator=g))
+
+
+# From the exported initial adapter, AdamW's first lora_A updates are m / (sqrt(v) + eps) of
+# gradients near eps (lora_B is zero at step 1, ~lr at step 2), where a 1e-9 difference in a
+# gradient moves the update by ~1e-5: the tolerance there is looser. From a perturbed start
+# every gradient is well away from eps, and SGD has no such division: the strict one applies.
+ADAM_FROM_INITIAL_ATOL = 1e-4
+STARTS = ("initial", "perturbed")
+
+
+@pytest.mark.parametrize("start", STARTS)
 @pytest.mark.parametrize("spec, make_torch_opt, clip", OPTIMIZERS)
-def test_train_steps_match_torch_optim(open_session, bundle, reference, batches, spec, make_torch_opt, clip):
+def test_train_steps_match_torch_optim(open_session, bundle, reference, batches, spec, make_torch_opt, clip, start):
     s = open_session(bundle.path, optimizer=spec)
     params = trainable_params(reference, bundle.manifest)
-    start = as_numpy(params)
+    if start == "perturbed":
+        perturb(params)
+        s.store.save("perturbed", as_numpy(params))
+        s.swap_adapter("perturbed")
+    begin = as_numpy(params)
+    assert_tensors_close(s.parameters(), begin, 0.0)
     opt = make_torch_opt(list(params.values()))
     losses, ref_losses = [], []
     for i in range(N_STEPS):
@@ -190,13 +209,14 @@ def test_train_steps_match_torch_optim(open_session, bundle, reference, batches,
         if clip is not None:
             torch.nn.utils.clip_grad_norm_(list(params.values()), clip)
         opt.step()
-        ref_losses.append(float(loss))
+        ref_losses.append(loss.item())
     np.testing.assert_allclose(losses, ref_losses, rtol=0, atol=ATOL)
     assert s.steps == N_STEPS
     final = s.parameters()
-    assert_tensors_close(final, as_numpy(params), PARAM_ATOL)
+    tol = ADAM_FROM_INITIAL_ATOL if start == "initial" and spec.name == "adamw" else PARAM_ATOL
+    assert_tensors_close(final, as_numpy(params), tol)
     # The steps really moved the adapter (else the parity above would be vacuous).
-    assert max(float(np.abs(final[n] - start[n]).max()) for n in start) > 1e-3
+    assert max(float(np.abs(final[n] - begin[n]).max()) for n in begin) > 1e-3
     # And what the session holds is what the backend computes with.
     with torch.no_grad():
         _, ref_logits = torch_forward(reference, batches[0])
@@ -227,9 +247,11 @@ def test_inference_onnx_with_fed_adapter_matches_session(open_session, bundle, c
         s.train_step(batches[i % 2])
     trained = s.parameters()
     model = open_bundle(bundle.path, cache_dir).path(names.INFERENCE_MODEL)
-    sess = ort.InferenceSession(str(model), providers=["CPUExecutionProvider"])
-    graph_inputs = {i.name for i in sess.get_inputs()}
-    assert set(bundle.manifest.trainable_names) <= graph_inputs
+    opts = ort.SessionOptions()
+    opts.log_severity_level = 3  # the adapter initializers are graph inputs on purpose
+    sess = ort.InferenceSession(str(model), opts, providers=["CPUExecutionProvider"])
+    assert [i.name for i in sess.get_inputs()] == [i.name for i in bundle.manifest.inputs]
+    assert set(bundle.manifest.trainable_names) <= {i.name for i in sess.get_overridable_initializers()}
     feeds = batches[0].feeds
     want = s.infer(feeds)
     got = sess.run([names.LOGITS_OUTPUT], {**feeds, **trained})[0]

@@ -46,6 +46,8 @@ def as_name_tuple(field: str, value: Any) -> tuple[str, ...]:
 def check_pattern(field: str, pattern: str | None) -> None:
     if pattern is None:
         return
+    if not isinstance(pattern, str):
+        raise SpecError(f"`{field}` must be a string (an anchored regex) or None, got {pattern!r}")
     if not (pattern.startswith("^") and pattern.endswith("$")):
         raise SpecError(f"`{field}` must be an anchored regex (start with ^, end with $), got {pattern!r}")
     try:

@@ -28,7 +28,7 @@ class LoraSpec(MethodSpec):
     def __post_init__(self) -> None:
         if not isinstance(self.rank, int) or isinstance(self.rank, bool) or self.rank <= 0:
             raise SpecError(f"`rank` must be an integer > 0, got {self.rank!r}")
-        if not isinstance(self.alpha, (int, float)) or not math.isfinite(self.alpha) or self.alpha <= 0:
+        if isinstance(self.alpha, bool) or not isinstance(self.alpha, (int, float)) or not math.isfinite(self.alpha) or self.alpha <= 0:
             raise SpecError(f"`alpha` must be a finite number > 0, got {self.alpha!r}")
         object.__setattr__(self, "alpha", float(self.alpha))
         object.__setattr__(self, "targets", as_name_tuple("targets", self.targets))
