@@ -7,6 +7,9 @@ accounting, errors and the CLI."""
 __version__ = "0.1.0"
 
 from edgepeft.errors import EdgePeftError  # noqa: E402
-from edgepeft.specs import LoraSpec  # noqa: E402
+from edgepeft.specs import (  # noqa: E402
+    BitFitSpec, BottleneckSpec, LoraSpec, PrefixSpec, PromptSpec, SelectiveSpec,
+)
 
-__all__ = ["EdgePeftError", "LoraSpec", "__version__"]
+__all__ = ["BitFitSpec", "BottleneckSpec", "EdgePeftError", "LoraSpec", "PrefixSpec", "PromptSpec",
+           "SelectiveSpec", "__version__"]

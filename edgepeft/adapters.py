@@ -36,24 +36,33 @@ def check_adapter_name(name: str) -> str:
 
 
 def peft_config(manifest: Manifest) -> dict[str, Any]:
-    """PEFT's adapter_config.json for the bundle's LoRA spec (so PEFT can load the folder)."""
-    lora = next((m for m in manifest.methods if m.method == "lora"), None)
+    """adapter_config.json: PEFT's own config where PEFT has the method (LoRA, prompt tuning),
+    so PEFT can load the folder; edgepeft's method specs are always recorded beside it."""
+    specs = {m.method: m for m in manifest.methods}
     cfg: dict[str, Any] = {
         "base_model_name_or_path": manifest.model_name,
         "inference_mode": True,
-        "task_type": "SEQ_CLS" if manifest.task == "classification" else None,
+        "task_type": {"classification": "SEQ_CLS", "causal-lm": "CAUSAL_LM"}.get(manifest.task),
+        "peft_type": None,
+        "edgepeft_methods": [m.to_dict() for m in manifest.methods],
     }
-    if lora is not None:
+    if set(specs) == {"lora"}:
+        lora = specs["lora"]
         cfg.update({
             "peft_type": "LORA",
             "r": lora.rank,
             "lora_alpha": lora.alpha,
+            "use_rslora": lora.use_rslora,
             "lora_dropout": 0.0,
             "bias": "none",
             "fan_in_fan_out": False,
             "target_modules": lora.target_pattern or list(lora.targets),
             "modules_to_save": list(lora.modules_to_save) or None,
         })
+    elif set(specs) == {"prompt"}:
+        cfg.update({"peft_type": "PROMPT_TUNING", "num_virtual_tokens": specs["prompt"].n_tokens,
+                    "prompt_tuning_init": "TEXT" if specs["prompt"].init == "text" else "RANDOM",
+                    "prompt_tuning_init_text": specs["prompt"].init_text})
     return cfg
 
 

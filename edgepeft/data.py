@@ -10,6 +10,7 @@ from typing import Iterable, Iterator, Sequence
 
 import numpy as np
 
+from edgepeft import names
 from edgepeft.errors import DataError
 from edgepeft.manifest import Manifest
 
@@ -18,8 +19,10 @@ _NP = {"int64": np.int64, "int32": np.int32, "float32": np.float32}
 
 @dataclass(frozen=True)
 class Example:
+    """A text and its class label (None for next-token tasks, where the text is the target)."""
+
     text: str
-    label: str
+    label: str | None = None
 
 
 @dataclass(frozen=True)
@@ -33,7 +36,8 @@ class Batch:
         return len(next(iter(self.feeds.values())))
 
 
-def read_jsonl(path: str | Path, text_field: str = "text", label_field: str = "label") -> list[Example]:
+def read_jsonl(path: str | Path, text_field: str = "text", label_field: str | None = "label") -> list[Example]:
+    """Examples from a JSONL file; ``label_field=None`` for next-token data (text only)."""
     path = Path(path)
     if not path.is_file():
         raise DataError(f"data file {str(path)!r} does not exist")
@@ -46,12 +50,13 @@ def read_jsonl(path: str | Path, text_field: str = "text", label_field: str = "l
                 row = json.loads(line)
             except ValueError as e:
                 raise DataError(f"{path}:{i}: not valid JSON ({e})") from None
-            if not isinstance(row, dict) or text_field not in row or label_field not in row:
-                raise DataError(f"{path}:{i}: each line needs {{{text_field!r}: ..., {label_field!r}: ...}}, "
+            fields = [text_field] + ([label_field] if label_field else [])
+            if not isinstance(row, dict) or any(f not in row for f in fields):
+                raise DataError(f"{path}:{i}: each line needs the fields {fields}, "
                                 f"got keys {sorted(row) if isinstance(row, dict) else type(row).__name__}")
             if not isinstance(row[text_field], str):
                 raise DataError(f"{path}:{i}: {text_field!r} must be a string")
-            out.append(Example(row[text_field], str(row[label_field])))
+            out.append(Example(row[text_field], str(row[label_field]) if label_field else None))
     if not out:
         raise DataError(f"data file {str(path)!r} holds no examples")
     return out
@@ -96,19 +101,35 @@ class TextEncoder:
             mask[i, : len(e.ids)] = 1
         return {"input_ids": ids, "attention_mask": mask}
 
-    def label_array(self, labels: Sequence[str]) -> np.ndarray:
+    @property
+    def causal(self) -> bool:
+        return self.manifest.task == "causal-lm"
+
+    def next_token_labels(self, feeds: dict[str, np.ndarray]) -> np.ndarray:
+        """Labels for causal LM: position t predicts token t+1; the last position and padding
+        are IGNORE_INDEX (the training graph's loss skips them)."""
+        ids, mask = feeds["input_ids"], feeds["attention_mask"]
+        labels = np.full(ids.shape, names.IGNORE_INDEX, dtype=np.int64)
+        labels[:, :-1] = np.where(mask[:, 1:] > 0, ids[:, 1:], names.IGNORE_INDEX)
+        return labels
+
+    def label_array(self, labels: Sequence[str | None]) -> np.ndarray:
         unknown = sorted({lab for lab in labels if lab not in self.label_ids})
         if unknown:
             raise DataError(f"labels {unknown[:5]} are not in the bundle's label set {list(self.label_ids)}")
         return np.array([self.label_ids[lab] for lab in labels], dtype=np.int64)
 
     def batch(self, examples: Sequence[Example]) -> Batch:
-        return Batch(self.encode([e.text for e in examples]), self.label_array([e.label for e in examples]))
+        feeds = self.encode([e.text for e in examples])
+        if self.causal:
+            return Batch(feeds, self.next_token_labels(feeds))
+        return Batch(feeds, self.label_array([e.label for e in examples]))
 
     def batches(self, examples: Sequence[Example], batch_size: int, *, shuffle: bool = False,
                 seed: int = 0) -> Iterator[Batch]:
         """Every example once (the last batch may be smaller: ORT takes any batch size)."""
-        self.label_array([e.label for e in examples])  # fail before any work on a bad label
+        if not self.causal:
+            self.label_array([e.label for e in examples])  # fail before any work on a bad label
         order = list(range(len(examples)))
         if shuffle:
             random.Random(seed).shuffle(order)

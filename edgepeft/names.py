@@ -17,6 +17,7 @@ ORT_CHECKPOINT = f"{ORT_DIR}/checkpoint"
 
 # Graph I/O.
 LABELS_INPUT = "labels"
+IGNORE_INDEX = -100  # a label that takes no part in the loss (padding, the last position of a sequence)
 LOGITS_OUTPUT = "logits"
 
 # Hugging Face PEFT adapter folder layout.

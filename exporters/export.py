@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import tempfile
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal, Sequence
@@ -19,14 +20,15 @@ from edgepeft.adapters import AdapterStore
 from edgepeft.bundle import write_bundle
 from edgepeft.errors import ExportError, SpecError
 from edgepeft.exporters import onnx_graph, ort_artifacts
-from edgepeft.exporters.peft import Trainable, inject
+from edgepeft.exporters.peft import InjectContext, Trainable, inject
 from edgepeft.exporters.quantize import quantize_frozen
 from edgepeft.exporters.zoo import ModelSource, state_sha256
 from edgepeft.manifest import IOInfo, Manifest, TensorInfo
 from edgepeft.specs import MethodSpec
 
 OPSET = 17
-LOSSES = ("cross_entropy",)
+# task -> the loss trained on the device
+LOSSES = {"classification": "cross_entropy", "causal-lm": "causal_lm"}
 _DTYPES = {torch.int64: "int64", torch.int32: "int32", torch.float32: "float32"}
 
 
@@ -46,7 +48,7 @@ def export_bundle(
     *,
     methods: Sequence[MethodSpec],
     out: str | Path,
-    loss: Literal["cross_entropy"] = "cross_entropy",
+    loss: Literal["cross_entropy", "causal_lm"] | None = None,
     quant: Literal["int8", "none"] = "int8",
     labels: Sequence[str] | None = None,
     tokenizer_json: str | None = None,
@@ -68,16 +70,20 @@ def export_bundle(
                           tuple(labels) if labels else tuple(str(i) for i in range(n_out)),
                           tokenizer_json=tokenizer_json, max_length=max_length,
                           dynamic_axes=dynamic_axes or {k: {0: "batch"} for k in example_inputs})
-    if loss not in LOSSES:
-        raise SpecError(f"`loss` must be one of {LOSSES}, got {loss!r}")
+    if src.task not in LOSSES:
+        raise SpecError(f"model task {src.task!r} is not supported; tasks: {sorted(LOSSES)}")
+    loss = loss or LOSSES[src.task]
+    if loss != LOSSES[src.task]:
+        raise SpecError(f"`loss` {loss!r} does not fit the model's task {src.task!r} (use {LOSSES[src.task]!r})")
     if quant not in ("int8", "none"):
         raise SpecError(f"`quant` must be 'int8' or 'none', got {quant!r}")
     out = Path(out)
 
     source_hash = state_sha256(src.model)
+    vocab = _output_width(src)
     ref = copy.deepcopy(src.model).eval()  # never mutate the caller's model
     base_params = sum(p.numel() for p in ref.parameters())
-    trainables = inject(ref, methods)
+    trainables = inject(ref, methods, InjectContext(tokenizer_json=src.tokenizer_json))
     trainable_names = [t.name for t in trainables]
     quantized = quantize_frozen(ref, set(trainable_names)) if quant == "int8" else {}
 
@@ -98,13 +104,14 @@ def export_bundle(
         inference = onnx_graph.expose_as_inputs(forward, trainable_names)
         onnx.save(inference, tmp / names.INFERENCE_MODEL)
         files[names.INFERENCE_MODEL] = tmp / names.INFERENCE_MODEL
-        roles = ort_artifacts.generate(forward, trainable_names, frozen, tmp / names.ORT_DIR)
+        roles = ort_artifacts.generate(forward, trainable_names, frozen, tmp / names.ORT_DIR, loss=loss)
         for member in roles.values():
             files[member] = tmp / member
         if src.tokenizer_json is not None:
             (tmp / names.TOKENIZER).write_text(src.tokenizer_json)
             files[names.TOKENIZER] = tmp / names.TOKENIZER
 
+        out_shape = ("batch", len(src.labels)) if src.task == "classification" else ("batch", "seq", vocab)
         manifest = Manifest(
             schema_version=names.SCHEMA_VERSION,
             sdk_version=edgepeft.__version__,
@@ -117,7 +124,7 @@ def export_bundle(
             inputs=tuple(IOInfo(k, _DTYPES.get(v.dtype, str(v.dtype)),
                                 tuple(src.dynamic_axes.get(k, {}).get(i, d) for i, d in enumerate(v.shape)))
                          for k, v in src.example_inputs.items()),
-            outputs=(IOInfo(names.LOGITS_OUTPUT, "float32", ("batch", len(src.labels))),),
+            outputs=(IOInfo(names.LOGITS_OUTPUT, "float32", out_shape),),
             labels=tuple(src.labels),
             max_length=src.max_length,
             quantization={
@@ -140,6 +147,11 @@ def export_bundle(
     return ExportResult(out, manifest, ref, trainables)
 
 
+def _output_width(src: ModelSource) -> int:
+    with torch.no_grad():
+        return int(src.model(*src.example_inputs.values()).shape[-1])
+
+
 def _num_outputs(model: nn.Module, example_inputs: dict[str, torch.Tensor]) -> int:
     with torch.no_grad():
         y = model(*example_inputs.values())
@@ -149,20 +161,24 @@ def _num_outputs(model: nn.Module, example_inputs: dict[str, torch.Tensor]) -> i
 
 
 def _to_onnx(model: nn.Module, src: ModelSource, path: Path) -> onnx.ModelProto:
-    args = tuple(src.example_inputs.values())
-    axes = {k: v for k, v in src.dynamic_axes.items()}
-    axes[names.LOGITS_OUTPUT] = {0: "batch"}
+    axes = dict(src.dynamic_axes)
+    axes[names.LOGITS_OUTPUT] = {0: "batch", 1: "seq"} if src.task == "causal-lm" else {0: "batch"}
     try:
-        torch.onnx.export(
-            model, args, str(path), dynamo=False, opset_version=OPSET,
-            # No folding and no training-mode rewrites: parameters must reach ONNX as named
-            # initializers so the trainable ones can be found by name.
-            do_constant_folding=False, training=torch.onnx.TrainingMode.EVAL,
-            # Initializers as inputs also turns off the pass that merges equal-valued
-            # initializers (every zero-initialised lora_B would collapse into one).
-            keep_initializers_as_inputs=True,
-            input_names=list(src.example_inputs), output_names=[names.LOGITS_OUTPUT], dynamic_axes=axes,
-        )
+        with warnings.catch_warnings():
+            # Tracer notes on fixed sizes (prompt length, prefix rows) are expected: they are
+            # constants of the exported graph by design.
+            warnings.simplefilter("ignore", torch.jit.TracerWarning)
+            warnings.filterwarnings("ignore", message="Constant folding", category=UserWarning)
+            torch.onnx.export(
+                model, tuple(src.example_inputs.values()), str(path), dynamo=False, opset_version=OPSET,
+                # No folding and no training-mode rewrites: parameters must reach ONNX as named
+                # initializers so the trainable ones can be found by name.
+                do_constant_folding=False, training=torch.onnx.TrainingMode.EVAL,
+                # Initializers as inputs also turns off the pass that merges equal-valued
+                # initializers (every zero-initialised lora_B would collapse into one).
+                keep_initializers_as_inputs=True,
+                input_names=list(src.example_inputs), output_names=[names.LOGITS_OUTPUT], dynamic_axes=axes,
+            )
     except Exception as e:  # torch raises many types; the user needs to know export failed here
         raise ExportError(f"torch.onnx.export failed for {src.name!r}: {type(e).__name__}: {e}") from e
     m = onnx.load(str(path))

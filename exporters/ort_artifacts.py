@@ -31,7 +31,37 @@ def quiet_fds() -> Iterator[Path]:
             os.close(f)
 
 
-def generate(forward: onnx.ModelProto, trainable: list[str], frozen: list[str], out_dir: Path) -> dict[str, str]:
+def _loss_block(loss: str):
+    """The loss ORT appends to the forward graph (output 0 of the training graph)."""
+    from onnxruntime.training import artifacts, onnxblock
+
+    if loss == "cross_entropy":
+        return artifacts.LossType.CrossEntropyLoss
+
+    class CausalLMLoss(onnxblock.Block):
+        """Mean token cross-entropy of logits (B, T, V) against labels (B, T) that the data
+        pipeline already shifted by one; names.IGNORE_INDEX positions are left out. ORT's
+        CrossEntropyLoss block takes classes in dim 1, hence the transpose to (B, V, T)."""
+
+        def build(self, logits_name: str) -> str:
+            g = self.base.graph
+            labels = onnx.helper.make_tensor_value_info(names.LABELS_INPUT, onnx.TensorProto.INT64, ["batch", "seq"])
+            g.input.append(labels)
+            t = "causal_lm/logits_bvt"
+            g.node.append(onnx.helper.make_node("Transpose", [logits_name], [t], perm=[0, 2, 1],
+                                                name="causal_lm/transpose"))
+            out = "causal_lm/loss"
+            g.node.append(onnx.helper.make_node("SoftmaxCrossEntropyLoss", [t, names.LABELS_INPUT], [out],
+                                                reduction="mean", ignore_index=names.IGNORE_INDEX, name="causal_lm/sce"))
+            return out
+
+    if loss == "causal_lm":
+        return CausalLMLoss()
+    raise ExportError(f"no ORT loss for {loss!r}")
+
+
+def generate(forward: onnx.ModelProto, trainable: list[str], frozen: list[str], out_dir: Path,
+             loss: str = "cross_entropy") -> dict[str, str]:
     """Build the artifacts into ``out_dir``; returns role -> bundle member name."""
     from onnxruntime.training import artifacts
 
@@ -42,7 +72,7 @@ def generate(forward: onnx.ModelProto, trainable: list[str], frozen: list[str], 
                 forward, requires_grad=trainable, frozen_params=frozen,
                 # No ORT optimizer graph: its state cannot be reset or kept per adapter, so the
                 # runtime steps in numpy (edgepeft.optim) from the gradients the graph returns.
-                loss=artifacts.LossType.CrossEntropyLoss, optimizer=None,
+                loss=_loss_block(loss), optimizer=None,
                 artifact_directory=str(out_dir), additional_output_names=[names.LOGITS_OUTPUT],
             )
             ok = True

@@ -30,9 +30,16 @@ class NumericalError(EdgePeftError):
 
 @dataclass(frozen=True)
 class EvalResult:
+    """Mean loss and top-1 accuracy over ``n`` labelled positions (examples for
+    classification, predicted tokens for causal LM)."""
+
     loss: float
     accuracy: float
     n: int
+
+    @property
+    def perplexity(self) -> float:
+        return math.exp(min(self.loss, 700.0))
 
 
 def default_store(bundle_path: Path) -> Path:
@@ -191,15 +198,17 @@ class Session:
         return loss
 
     def evaluate(self, batches: Iterable[Batch | Sequence[Example]]) -> EvalResult:
-        """Mean loss and accuracy over ``batches`` (weighted by batch size)."""
+        """Mean loss and top-1 accuracy over ``batches``, weighted by labelled positions."""
         total_loss, correct, n = 0.0, 0, 0
         self.budget.begin()
         for batch in batches:
             b = self._as_batch(batch, need_labels=True)
             loss, logits = self.backend.eval_step(b)
-            total_loss += loss * len(b)
-            correct += int((logits.argmax(axis=-1) == b.labels).sum())
-            n += len(b)
+            valid = b.labels != names.IGNORE_INDEX
+            count = int(valid.sum())
+            total_loss += loss * count
+            correct += int(((logits.argmax(axis=-1) == b.labels) & valid).sum())
+            n += count
         self.budget.end("evaluate")
         if n == 0:
             raise DataError("evaluate() got no batches")

@@ -43,6 +43,20 @@ def as_name_tuple(field: str, value: Any) -> tuple[str, ...]:
     return names
 
 
+def check_int(field: str, value, minimum: int) -> None:
+    if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
+        raise SpecError(f"`{field}` must be an integer >= {minimum}, got {value!r}")
+
+
+def check_seed(value) -> None:
+    check_int("init_seed", value, 0)
+
+
+def check_choice(field: str, value, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        raise SpecError(f"`{field}` must be one of {list(choices)}, got {value!r}")
+
+
 def check_pattern(field: str, pattern: str | None) -> None:
     if pattern is None:
         return
