@@ -37,14 +37,13 @@ def check_adapter_name(name: str) -> str:
 
 def peft_config(manifest: Manifest) -> dict[str, Any]:
     """adapter_config.json: PEFT's own config where PEFT has the method (LoRA, prompt tuning),
-    so PEFT can load the folder; edgepeft's method specs are always recorded beside it."""
+    so PEFT can load the folder (edgepeft's own method specs go in edgepeft_adapter.json)."""
     specs = {m.method: m for m in manifest.methods}
     cfg: dict[str, Any] = {
         "base_model_name_or_path": manifest.model_name,
         "inference_mode": True,
         "task_type": {"classification": "SEQ_CLS", "causal-lm": "CAUSAL_LM"}.get(manifest.task),
         "peft_type": None,
-        "edgepeft_methods": [m.to_dict() for m in manifest.methods],
     }
     if set(specs) == {"lora"}:
         lora = specs["lora"]
@@ -110,6 +109,7 @@ class AdapterStore:
                 "sdk_version": self.manifest.sdk_version,
                 "model_sha256": self.manifest.model_sha256,
                 "weights_sha256": sha256_file(weights),
+                "methods": [m.to_dict() for m in self.manifest.methods],
                 **(dict(meta) if meta else {}),
             }
             if optimizer is not None and optimizer[0]:

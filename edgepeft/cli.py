@@ -52,8 +52,10 @@ def _names(value: str | None) -> tuple[str, ...]:
 @click.option("--labels", default=None, help="Comma-separated class labels (default: the model's own).")
 @click.option("--quant", type=click.Choice(["int8", "none"]), default="int8", show_default=True,
               help="Frozen base weights as int8 (per-row scales) or fp32.")
+@click.option("--init-adapter", type=click.Path(exists=True, file_okay=False, path_type=Path),
+              help="A PEFT LoRA adapter folder (e.g. trained with HF PEFT) to start from.")
 def export(model_ref: str, out: Path, rank: int, alpha: float, targets: str, modules_to_save: str,
-           labels: str | None, quant: str) -> None:
+           labels: str | None, quant: str, init_adapter: Path | None) -> None:
     """Export a model with LoRA into a bundle (host side; needs torch)."""
     try:
         from edgepeft.exporters import export_bundle, load_model
@@ -64,7 +66,7 @@ def export(model_ref: str, out: Path, rank: int, alpha: float, targets: str, mod
     spec = LoraSpec(rank=rank, alpha=alpha, targets=_names(targets), modules_to_save=_names(modules_to_save))
     kwargs = {"labels": _names(labels)} if labels else {}
     src = load_model(model_ref, **kwargs)
-    res = export_bundle(src, methods=[spec], quant=quant, out=out)
+    res = export_bundle(src, methods=[spec], quant=quant, out=out, init_adapter=init_adapter)
     m = res.manifest
     click.echo(f"wrote {out} ({out.stat().st_size / 1e6:.1f} MB): {m.model_name}, "
                f"{m.trainable_params:,} trainable of {m.base_params:,} params "

@@ -21,6 +21,7 @@ from edgepeft.bundle import write_bundle
 from edgepeft.errors import ExportError, SpecError
 from edgepeft.exporters import onnx_graph, ort_artifacts
 from edgepeft.exporters.peft import InjectContext, Trainable, inject
+from edgepeft.exporters.peft_import import load_peft_adapter
 from edgepeft.exporters.quantize import quantize_frozen
 from edgepeft.exporters.zoo import ModelSource, state_sha256
 from edgepeft.manifest import IOInfo, Manifest, TensorInfo
@@ -55,11 +56,14 @@ def export_bundle(
     max_length: int = 128,
     dynamic_axes: dict[str, dict[int, str]] | None = None,
     name: str | None = None,
+    init_adapter: str | Path | None = None,
 ) -> ExportResult:
     """Export ``model`` with ``methods`` injected into the bundle file ``out``.
 
     ``model`` is an eager module (then ``example_inputs`` maps input names to example
-    tensors, in forward's argument order) or a zoo ``ModelSource`` that carries them."""
+    tensors, in forward's argument order) or a zoo ``ModelSource`` that carries them.
+    ``init_adapter``: a PEFT adapter folder (e.g. trained on a host with HF PEFT) whose
+    values become the bundle's initial adapter."""
     if isinstance(model, ModelSource):
         src = model
     else:
@@ -84,6 +88,8 @@ def export_bundle(
     ref = copy.deepcopy(src.model).eval()  # never mutate the caller's model
     base_params = sum(p.numel() for p in ref.parameters())
     trainables = inject(ref, methods, InjectContext(tokenizer_json=src.tokenizer_json))
+    if init_adapter is not None:
+        load_peft_adapter(init_adapter, trainables, list(methods))
     trainable_names = [t.name for t in trainables]
     quantized = quantize_frozen(ref, set(trainable_names)) if quant == "int8" else {}
 

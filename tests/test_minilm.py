@@ -77,3 +77,28 @@ def test_demo_smoke(tmp_path, monkeypatch):
         assert out["restored"][user] == r["eval"], user  # swap back restores loss and accuracy exactly
         assert r["steps"] == 2
     assert (tmp_path / "demo" / "adapters" / "alice" / "adapter_model.safetensors").is_file()
+
+
+def test_minilm_matches_transformers(minilm):
+    """The zoo's plain-torch BERT reproduces transformers' BertModel on the packaged weights
+    (mean-pooled sentence embeddings), before any PEFT injection."""
+    transformers = pytest.importorskip("transformers")
+    from edgepeft.exporters.zoo import load_model, minilm_dir
+
+    _, _, train, _ = minilm
+    src = load_model("minilm")
+    hf = transformers.BertModel.from_pretrained(str(minilm_dir()), add_pooling_layer=False).eval()
+    from tokenizers import Tokenizer
+
+    tok = Tokenizer.from_str(src.tokenizer_json)
+    tok.enable_truncation(128)
+    tok.enable_padding()
+    encs = tok.encode_batch([e.text for e in train[:4]] + ["a short one"])
+    ids = torch.tensor([e.ids for e in encs])
+    mask = torch.tensor([e.attention_mask for e in encs])
+    with torch.no_grad():
+        ours = src.model.embed(ids, mask)
+        h = hf(input_ids=ids, attention_mask=mask).last_hidden_state
+        m = mask.unsqueeze(-1).float()
+        theirs = (h * m).sum(1) / m.sum(1)
+    assert float((ours - theirs).abs().max()) < 1e-5
