@@ -351,3 +351,22 @@ def test_lite0_onnx_matches_eager(lite0, photos, tmp_path):
     diff = float(np.abs(got - want).max())
     print(f"\nLite0 ONNX Runtime vs eager: max |diff| {diff:.2e}")
     assert diff < LITE0_ATOL
+
+
+@pytest.mark.slow
+def test_lite0_personalization_bundle_trains(tmp_path):
+    """The MNIST-style case: Lite0 with a fresh 10-way head, LoRA on it, one device step."""
+    from edgepeft.data import Batch
+    from edgepeft.exporters import export_bundle
+    from edgepeft.exporters.zoo.efficientnet import efficientnet_lite0
+    from edgepeft.runtime import Session
+    from edgepeft.specs import LoraSpec
+
+    src = efficientnet_lite0(labels=tuple("0123456789"))
+    result = export_bundle(src, methods=[LoraSpec(rank=4, targets=("_fc",))], out=tmp_path / "lite0.edgepeft")
+    x, labels = pixels(4, 224, seed=5), np.array([3, 1, 4, 1], dtype=np.int64)
+    with torch.no_grad():
+        want = F.cross_entropy(result.reference(x), torch.from_numpy(labels)).item()
+    with Session.open(result.path, store=tmp_path / "store", cache_dir=tmp_path / "cache", threads=1) as s:
+        loss = s.train_step(Batch({"pixel_values": x.numpy()}, labels))
+    assert abs(loss - want) < LITE0_ATOL

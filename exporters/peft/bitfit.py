@@ -10,10 +10,12 @@ from edgepeft.specs.base import name_matches
 
 
 def inject_bitfit(model: nn.Module, spec: BitFitSpec, ctx: InjectContext) -> list[Trainable]:
+    """Biases of every module, or of the modules matching ``spec`` and everything inside them."""
     restrict = bool(spec.modules or spec.pattern)
+    roots = [n for n, _ in model.named_modules() if n and name_matches(n, spec.modules, spec.pattern)]
     out: list[Trainable] = []
     for name, mod in model.named_modules():
-        if restrict and not (name and name_matches(name, spec.modules, spec.pattern)):
+        if restrict and not any(name == r or name.startswith(r + ".") for r in roots):
             continue
         bias = mod._parameters.get("bias")  # the module's own bias, not its children's
         if isinstance(bias, nn.Parameter):

