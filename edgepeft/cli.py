@@ -52,21 +52,28 @@ def _names(value: str | None) -> tuple[str, ...]:
 @click.option("--labels", default=None, help="Comma-separated class labels (default: the model's own).")
 @click.option("--quant", type=click.Choice(["int8", "none"]), default="int8", show_default=True,
               help="Frozen base weights as int8 (per-row scales) or fp32.")
+@click.option("--method", "method_texts", multiple=True, metavar="NAME[:k=v,...]",
+              help="A PEFT method (repeat for hybrids), e.g. 'prompt:n_tokens=8', 'bitfit', "
+                   "'adapter:kind=pfeiffer,size=32', 'lora:rank=4,targets=query|value'. "
+                   "When given, replaces the LoRA options above.")
 @click.option("--init-adapter", type=click.Path(exists=True, file_okay=False, path_type=Path),
               help="A PEFT LoRA adapter folder (e.g. trained with HF PEFT) to start from.")
 def export(model_ref: str, out: Path, rank: int, alpha: float, targets: str, modules_to_save: str,
-           labels: str | None, quant: str, init_adapter: Path | None) -> None:
+           labels: str | None, quant: str, method_texts: tuple[str, ...], init_adapter: Path | None) -> None:
     """Export a model with LoRA into a bundle (host side; needs torch)."""
     try:
         from edgepeft.exporters import export_bundle, load_model
     except ImportError as e:
         raise click.ClickException(f"export needs the host side ({e.name} missing): pip install 'edgepeft[export]'")
-    from edgepeft.specs import LoraSpec
+    from edgepeft.specs import LoraSpec, parse_method
 
-    spec = LoraSpec(rank=rank, alpha=alpha, targets=_names(targets), modules_to_save=_names(modules_to_save))
+    if method_texts:
+        methods = [parse_method(t) for t in method_texts]
+    else:
+        methods = [LoraSpec(rank=rank, alpha=alpha, targets=_names(targets), modules_to_save=_names(modules_to_save))]
     kwargs = {"labels": _names(labels)} if labels else {}
     src = load_model(model_ref, **kwargs)
-    res = export_bundle(src, methods=[spec], quant=quant, out=out, init_adapter=init_adapter)
+    res = export_bundle(src, methods=methods, quant=quant, out=out, init_adapter=init_adapter)
     m = res.manifest
     click.echo(f"wrote {out} ({out.stat().st_size / 1e6:.1f} MB): {m.model_name}, "
                f"{m.trainable_params:,} trainable of {m.base_params:,} params "
@@ -96,16 +103,25 @@ def inspect(bundle: Path, as_json: bool) -> None:
     by_method: dict[str, int] = {}
     for t in m.trainable:
         by_method[t.method] = by_method.get(t.method, 0) + t.numel
-    tab = Table("method", "spec", "trainable params", "% of base")
-    for spec in m.methods:
-        tab.add_row(spec.method, json.dumps({k: v for k, v in spec.to_dict().items() if k != "method"}), "", "")
+    specs = {spec.method: spec for spec in m.methods}
+    tab = Table("method", "trainable params", "% of base", "spec")
     for meth, n in by_method.items():
-        tab.add_row(meth, "", f"{n:,}", f"{100 * n / m.base_params:.3f}")
+        spec = specs.get(meth)
+        tab.add_row(meth, f"{n:,}", f"{100 * n / m.base_params:.3f}", _spec_text(spec) if spec else "(with lora)")
     c.print(tab)
     mem = Table("member", "sha256")
     for name, digest in m.members.items():
         mem.add_row(name, digest[:16])
     c.print(mem)
+
+
+def _spec_text(spec) -> str:
+    parts = []
+    for k, v in spec.to_dict().items():
+        if k == "method" or v is None or v == [] or v == ():
+            continue
+        parts.append(f"{k}={','.join(map(str, v)) if isinstance(v, list) else v}")
+    return " ".join(parts)
 
 
 @main.command()

@@ -103,3 +103,17 @@ def test_user_model_factory(cli_env, tmp_path, monkeypatch):
     r = runner.invoke(main, ["inspect", str(out), "--json"])
     m = json.loads(r.output)
     assert m["model_name"] == "my-sentiment" and m["labels"] == ["bad", "ok", "good"]
+
+
+def test_export_with_method_specs(cli_env):
+    runner, d, *_ = cli_env
+    out = d / "hybrid.edgepeft"
+    r = runner.invoke(main, ["export", "--model", "tiny-encoder", "--out", str(out),
+                             "--method", "prompt:n_tokens=3", "--method", "lora:rank=2,targets=query|value",
+                             "--method", "selective:modules=classifier"])
+    assert r.exit_code == 0, r.output
+    m = json.loads(runner.invoke(main, ["inspect", str(out), "--json"]).output)
+    assert [x["method"] for x in m["methods"]] == ["prompt", "lora", "selective"]
+    assert m["methods"][1]["rank"] == 2 and m["methods"][1]["targets"] == ["query", "value"]
+    r = runner.invoke(main, ["export", "--model", "tiny-encoder", "--out", str(out), "--method", "lora:bogus=1"])
+    assert r.exit_code == 1 and "bogus" in r.output

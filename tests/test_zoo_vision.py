@@ -205,18 +205,28 @@ def test_ort_differentiates_the_whole_tiny_cnn(tmp_path):
 
 # -- bundle path ------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("factory,targets,make_input", [
-    (tiny_cnn, ("_fc",), lambda n: {"pixel_values": pixels(n, 32, seed=3)}),
-    (tiny_mlp, ("fc1", "fc2"), lambda n: {"x": torch.randn(n, 16, generator=torch.Generator().manual_seed(3))}),
-], ids=["tiny_cnn", "tiny_mlp"])
-def test_bundle_train_step_matches_the_reference(tmp_path, factory, targets, make_input):
+def _cnn_input(n):
+    return {"pixel_values": pixels(n, 32, seed=3)}
+
+
+def _mlp_input(n):
+    return {"x": torch.randn(n, 16, generator=torch.Generator().manual_seed(3))}
+
+
+@pytest.mark.parametrize("factory,lora,make_input", [
+    (tiny_cnn, {"targets": ("_fc",)}, _cnn_input),
+    # Gradients reach every expand/project conv, back through the depthwise Pads and ReLU6s.
+    (tiny_cnn, {"target_pattern": EfficientNetLite.PEFT_SITES["pointwise"]}, _cnn_input),
+    (tiny_mlp, {"targets": ("fc1", "fc2")}, _mlp_input),
+], ids=["tiny_cnn-fc", "tiny_cnn-pointwise", "tiny_mlp"])
+def test_bundle_train_step_matches_the_reference(tmp_path, factory, lora, make_input):
     from edgepeft.data import Batch
     from edgepeft.exporters import export_bundle
     from edgepeft.runtime import Session
     from edgepeft.specs import LoraSpec
 
     src = factory()
-    result = export_bundle(src, methods=[LoraSpec(rank=2, targets=targets)], out=tmp_path / "m.edgepeft")
+    result = export_bundle(src, methods=[LoraSpec(rank=2, **lora)], out=tmp_path / "m.edgepeft")
     assert result.manifest.labels == src.labels
     assert [(i.name, i.shape[0]) for i in result.manifest.inputs] == [(k, "batch") for k in src.example_inputs]
     feeds = make_input(4)
@@ -227,8 +237,14 @@ def test_bundle_train_step_matches_the_reference(tmp_path, factory, targets, mak
     with Session.open(result.path, store=tmp_path / "store", cache_dir=tmp_path / "cache", threads=1) as s:
         np_feeds = {k: v.numpy() for k, v in feeds.items()}
         assert np.abs(s.infer(np_feeds) - ref_logits.numpy()).max() < ATOL
+        before = s.parameters()
         loss = s.train_step(Batch(np_feeds, labels))
+        after = s.parameters()
     assert abs(loss - want) < ATOL
+    lora_b = [n for n in before if n.endswith(".lora_B")]
+    assert lora_b
+    stuck = [n for n in lora_b if np.array_equal(before[n], after[n])]
+    assert not stuck, f"no gradient reached {stuck}"
 
 
 # -- EfficientNet-Lite0 (real weights) --------------------------------------------------------

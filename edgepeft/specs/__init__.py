@@ -2,6 +2,7 @@
 line in ``METHODS`` (plus its injector in edgepeft.exporters.peft)."""
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 from edgepeft.errors import SpecError
@@ -30,5 +31,38 @@ def spec_from_dict(data: dict[str, Any]) -> MethodSpec:
     return METHODS[name].from_dict(data)
 
 
+def parse_method(text: str) -> MethodSpec:
+    """A spec from the CLI form ``name[:key=value,key=value]``; list values are separated
+    by ``|`` (e.g. ``lora:rank=8,targets=query|value,modules_to_save=classifier``)."""
+    name, _, rest = text.partition(":")
+    name = name.strip()
+    if name not in METHODS:
+        raise SpecError(f"unknown PEFT method {name!r} in {text!r}; supported: {sorted(METHODS)}")
+    fields = {f.name: f for f in dataclasses.fields(METHODS[name])}
+    kwargs: dict[str, Any] = {}
+    for item in filter(None, (x.strip() for x in rest.split(","))):
+        key, eq, raw = item.partition("=")
+        if not eq or key not in fields:
+            raise SpecError(f"{text!r}: {item!r} is not key=value with a key of {name} ({sorted(fields)})")
+        kwargs[key] = _value(raw, str(fields[key].type))
+    return METHODS[name](**kwargs)
+
+
+def _value(raw: str, type_name: str) -> Any:
+    if "tuple" in type_name:
+        items = [x for x in raw.split("|") if x]
+        return tuple(int(x) for x in items) if "int" in type_name else tuple(items)
+    if raw.lower() in ("true", "false"):
+        return raw.lower() == "true"
+    if raw.lower() == "none":
+        return None
+    for cast in (int, float):
+        try:
+            return cast(raw)
+        except ValueError:
+            pass
+    return raw
+
+
 __all__ = ["METHODS", "BitFitSpec", "BottleneckSpec", "LoraSpec", "MethodSpec", "PrefixSpec", "PromptSpec",
-           "SelectiveSpec", "spec_from_dict"]
+           "SelectiveSpec", "parse_method", "spec_from_dict"]
