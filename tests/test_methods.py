@@ -18,56 +18,93 @@ from edgepeft.data import Batch, Example
 from edgepeft.runtime import OptimizerSpec, Session
 from edgepeft.specs import (BitFitSpec, BottleneckSpec, LoraSpec, PrefixSpec, PromptSpec, SelectiveSpec)
 
-HEAD = SelectiveSpec(modules=("classifier",))
 TEXTS = [("a wonderful, lovely film", "pos"), ("dreadful and boring", "neg"), ("great story", "pos"),
          ("awful plot, bad acting", "neg"), ("i loved it", "pos"), ("a waste of time", "neg")]
 
 
 @dataclass(frozen=True)
 class Model:
-    factory: str                         # zoo name or pkg.module:factory
+    factory: str                         # zoo name
     batch: Callable[[Session], Batch]    # a fixed, learnable batch for this model
-    reference_loss: Callable              # (logits, labels) -> torch loss
+    targets: tuple[str, ...]             # LoRA targets
+    head: str | None                     # the task head trained in full beside a method
 
 
 def _text_batch(s: Session) -> Batch:
     return s.encoder.batch([Example(t, lab) for t, lab in TEXTS])
 
 
+def _image_batch(s: Session) -> Batch:
+    """Six 32x32 images whose class shows as a colour cast (learnable by a tiny CNN)."""
+    g = np.random.default_rng(0)
+    labels = np.array([0, 1, 2, 0, 1, 2])
+    x = g.normal(128, 20, size=(6, 3, 32, 32)).astype(np.float32)
+    for i, c in enumerate(labels):
+        x[i, c] += 60
+    return Batch({"pixel_values": x}, labels.astype(np.int64))
+
+
+def _vector_batch(s: Session) -> Batch:
+    g = np.random.default_rng(0)
+    labels = np.arange(8) % 4
+    centers = np.random.default_rng(1).normal(size=(4, 16))
+    return Batch({"x": (centers[labels] + 0.3 * g.normal(size=(8, 16))).astype(np.float32)}, labels.astype(np.int64))
+
+
+MODELS = {
+    "encoder": Model("tiny-encoder", _text_batch, ("query", "value"), "classifier"),
+    "cnn": Model("tiny-cnn", _image_batch, ("_expand_conv", "_project_conv"), "_fc"),
+    "mlp": Model("tiny-mlp", _vector_batch, ("fc1", "fc2"), "head"),
+}
+
+
 def _ce(logits, labels):
     return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=names.IGNORE_INDEX)
 
 
-MODELS = {
-    "encoder": Model("tiny-encoder", _text_batch, _ce),
-}
+def _head(m: Model) -> list:
+    return [SelectiveSpec(modules=(m.head,))] if m.head else []
 
-# method cases: (methods, learning rate[, least relative loss drop in 12 steps, default 10%]).
-# Hybrids are several specs in one bundle.
-METHODS = {
-    "lora": ([LoraSpec(rank=4, targets=("query", "value"), modules_to_save=("classifier",))], 1e-2),
-    "rslora": ([LoraSpec(rank=4, use_rslora=True, modules_to_save=("classifier",))], 1e-2),
-    "lora-fa": ([LoraSpec(rank=4, freeze_a=True, modules_to_save=("classifier",))], 1e-2),
-    "prompt-random": ([PromptSpec(n_tokens=4), HEAD], 1e-2),
-    "prompt-text": ([PromptSpec(n_tokens=4, init="text", init_text="the review says"), HEAD], 1e-2),
-    "prefix": ([PrefixSpec(n_tokens=3), HEAD], 1e-2),
+
+def _save(m: Model) -> tuple[str, ...]:
+    return (m.head,) if m.head else ()
+
+
+# method cases: model -> (methods, learning rate[, least relative loss drop in 12 steps, default
+# 10%]). Hybrids are several specs in one bundle.
+METHODS: dict[str, Callable[[Model], tuple]] = {
+    "lora": lambda m: ([LoraSpec(rank=4, targets=m.targets, modules_to_save=_save(m))], 1e-2),
+    "rslora": lambda m: ([LoraSpec(rank=4, targets=m.targets, use_rslora=True, modules_to_save=_save(m))], 1e-2),
+    "lora-fa": lambda m: ([LoraSpec(rank=4, targets=m.targets, freeze_a=True, modules_to_save=_save(m))], 1e-2),
+    "prompt-random": lambda m: ([PromptSpec(n_tokens=4)] + _head(m), 1e-2),
+    "prompt-text": lambda m: ([PromptSpec(n_tokens=4, init="text", init_text="the review says")] + _head(m), 1e-2),
+    "prefix": lambda m: ([PrefixSpec(n_tokens=3)] + _head(m), 1e-2),
     # BitFit as its paper runs it: every bias plus the task head.
-    "bitfit": ([BitFitSpec(modules=("embeddings", "encoder")), HEAD], 1e-2),
-    # Biases alone (a random head stays frozen) learn slowly on the tiny model: a smaller drop.
-    "bitfit-all": ([BitFitSpec()], 5e-2, 0.01),
-    "houlsby": ([BottleneckSpec(kind="houlsby", size=8), HEAD], 1e-2),
-    "pfeiffer": ([BottleneckSpec(kind="pfeiffer", size=8, activation="gelu"), HEAD], 1e-2),
-    "parallel": ([BottleneckSpec(kind="parallel", size=8, activation="silu"), HEAD], 1e-2),
-    "selective-last-layer": ([SelectiveSpec(modules=("classifier",), last_n_layers=1)], 1e-2),
-    "lora+bitfit": ([LoraSpec(rank=4), BitFitSpec(modules=("classifier", "LayerNorm"))], 1e-2),
-    "prompt+lora": ([PromptSpec(n_tokens=2), LoraSpec(rank=2, modules_to_save=("classifier",))], 1e-2),
-    "adapter+lora": ([BottleneckSpec(kind="pfeiffer", size=4), LoraSpec(rank=2, modules_to_save=("classifier",))], 1e-2),
+    "bitfit": lambda m: ([BitFitSpec(pattern=rf"^(?!{m.head}$).+$")] + _head(m), 1e-2),
+    # Biases alone (a random head stays frozen) learn slowly on the tiny encoder: a smaller drop.
+    "bitfit-all": lambda m: ([BitFitSpec()], 5e-2, 0.01),
+    "houlsby": lambda m: ([BottleneckSpec(kind="houlsby", size=8)] + _head(m), 1e-2),
+    "pfeiffer": lambda m: ([BottleneckSpec(kind="pfeiffer", size=8, activation="gelu")] + _head(m), 1e-2),
+    "parallel": lambda m: ([BottleneckSpec(kind="parallel", size=8, activation="silu")] + _head(m), 1e-2),
+    "selective-last-layer": lambda m: ([SelectiveSpec(modules=_save(m), last_n_layers=1)], 1e-2),
+    "lora+bitfit": lambda m: ([LoraSpec(rank=4, targets=m.targets), BitFitSpec(modules=_save(m))], 1e-2),
+    "prompt+lora": lambda m: ([PromptSpec(n_tokens=2), LoraSpec(rank=2, targets=m.targets, modules_to_save=_save(m))],
+                              1e-2),
+    "adapter+lora": lambda m: ([BottleneckSpec(kind="pfeiffer", size=4),
+                                LoraSpec(rank=2, targets=m.targets, modules_to_save=_save(m))], 1e-2),
 }
 
-# Methods a model cannot take, with the reason (asserted as clear errors in test_errors_for_unsupported).
-UNSUPPORTED: dict[tuple[str, str], str] = {}
+# What a model cannot take (no slot or site for it): refused at export with a clear error,
+# checked in test_unsupported_method_is_refused.
+NO_SLOTS = {"prompt-random", "prompt-text", "prefix", "houlsby", "pfeiffer", "parallel", "prompt+lora", "adapter+lora"}
+UNSUPPORTED = {("cnn", k) for k in NO_SLOTS} | {("mlp", k) for k in NO_SLOTS}
 
 CASES = [(m, k) for m in MODELS for k in METHODS if (m, k) not in UNSUPPORTED]
+
+
+def case(model: str, method: str) -> tuple:
+    c = METHODS[method](MODELS[model])
+    return c[0], c[1], (c[2] if len(c) > 2 else 0.1)
 
 
 @pytest.fixture(scope="module")
@@ -79,7 +116,7 @@ def exported(tmp_path_factory):
     def get(model: str, method: str):
         if (model, method) not in cache:
             d = tmp_path_factory.mktemp(f"{model}-{method}")
-            res = export_bundle(load_model(MODELS[model].factory), methods=METHODS[method][0], quant="int8",
+            res = export_bundle(load_model(MODELS[model].factory), methods=case(model, method)[0], quant="int8",
                                 out=d / "b.edgepeft")
             cache[(model, method)] = (res, d)
         return cache[(model, method)]
@@ -106,13 +143,14 @@ def _reference(res, batch: Batch, loss_fn):
 def test_method_on_model(exported, model, method):
     res, d = exported(model, method)
     m = res.manifest
-    assert {t.method for t in m.trainable} <= {s.method for s in METHODS[method][0]} | {"modules_to_save"}
+    methods, lr, min_drop = case(model, method)
+    assert {t.method for t in m.trainable} <= {s.method for s in methods} | {"modules_to_save"}
     assert 0 < m.trainable_params < m.base_params
-    s = _open(res, d, METHODS[method][1])
+    s = _open(res, d, lr)
     batch = MODELS[model].batch(s)
 
     # Parity at the initial adapter...
-    ref_loss, ref_logits, ref_grads = _reference(res, batch, MODELS[model].reference_loss)
+    ref_loss, ref_logits, ref_grads = _reference(res, batch, _ce)
     loss, grads = s.backend.forward_backward(batch)
     assert loss == pytest.approx(ref_loss, abs=1e-5)
     np.testing.assert_allclose(s.infer(batch.feeds), ref_logits, atol=1e-5)
@@ -121,7 +159,6 @@ def test_method_on_model(exported, model, method):
 
     # ... training lowers the loss ...
     losses = [s.train_step(batch) for _ in range(12)]
-    min_drop = METHODS[method][2] if len(METHODS[method]) > 2 else 0.1
     assert losses[-1] < (1 - min_drop) * losses[0], losses
 
     # ... and parity still holds at the trained adapter (copied into the reference).
@@ -129,7 +166,7 @@ def test_method_on_model(exported, model, method):
         params = dict(res.reference.named_parameters())
         for n, v in s.parameters().items():
             params[n].copy_(torch.from_numpy(v))
-    ref_loss, ref_logits, _ = _reference(res, batch, MODELS[model].reference_loss)
+    ref_loss, ref_logits, _ = _reference(res, batch, _ce)
     trained_loss, _ = s.backend.eval_step(batch)
     assert trained_loss == pytest.approx(ref_loss, abs=1e-5)
     np.testing.assert_allclose(s.infer(batch.feeds), ref_logits, atol=1e-4)
@@ -141,7 +178,7 @@ def test_method_on_model(exported, model, method):
     assert other_loss != trained_loss
     s.swap_adapter("a")
     assert s.backend.eval_step(batch)[0] == trained_loss
-    again = _open(res, d, METHODS[method][1])
+    again = _open(res, d, lr)
     assert again.backend.eval_step(batch)[0] == trained_loss
 
 
@@ -176,8 +213,17 @@ BAD = [
 ]
 
 
-@pytest.mark.parametrize("case, make, methods, error, needle", BAD, ids=[b[0] for b in BAD])
-def test_bad_method_for_model(tmp_path, case, make, methods, error, needle):
+@pytest.mark.parametrize("model, method", sorted(UNSUPPORTED))
+def test_unsupported_method_is_refused(tmp_path, model, method):
+    from edgepeft.errors import TargetError
+    from edgepeft.exporters import export_bundle, load_model
+
+    with pytest.raises(TargetError, match="slot|PEFT_SITES"):
+        export_bundle(load_model(MODELS[model].factory), methods=case(model, method)[0], out=tmp_path / "b.edgepeft")
+
+
+@pytest.mark.parametrize("name, make, methods, error, needle", BAD, ids=[b[0] for b in BAD])
+def test_bad_method_for_model(tmp_path, name, make, methods, error, needle):
     import edgepeft.errors as errors
     from edgepeft.exporters import export_bundle
 

@@ -101,9 +101,20 @@ def minilm(labels: tuple[str, ...] = BBC_TOPICS, seed: int = 0, max_length: int 
                        max_length=max_length, dynamic_axes=TEXT_AXES)
 
 
+def _lazy(module: str, attr: str) -> Callable[..., ModelSource]:
+    """Import a zoo module on first use (they import this package for ModelSource)."""
+    def factory(**kwargs) -> ModelSource:
+        return getattr(importlib.import_module(f"edgepeft.exporters.zoo.{module}"), attr)(**kwargs)
+    factory.__name__ = attr
+    return factory
+
+
 ZOO: dict[str, Callable[..., ModelSource]] = {
     "tiny-encoder": tiny_encoder,
+    "tiny-cnn": _lazy("tiny", "tiny_cnn"),
+    "tiny-mlp": _lazy("tiny", "tiny_mlp"),
     "minilm": minilm,
+    "efficientnet-lite0": _lazy("efficientnet", "efficientnet_lite0"),
 }
 
 

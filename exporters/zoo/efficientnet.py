@@ -256,9 +256,9 @@ IMAGE_AXES = {"pixel_values": {0: "batch"}}
 
 
 def efficientnet_lite0(labels: tuple[str, ...] | None = None, seed: int = 0) -> ModelSource:
-    """EfficientNet-Lite0 (4.65M params), ImageNet weights. ``labels=None`` keeps the 1000-way
-    ImageNet head (labels "0".."999"); given labels, ``_fc`` is a fresh seeded Linear with one
-    output per label (personalization, e.g. digits)."""
+    """EfficientNet-Lite0 with ImageNet weights (4.63M parameters once BatchNorms are folded).
+    ``labels=None`` keeps the 1000-way ImageNet head (labels "0".."999"); given labels, ``_fc``
+    is a fresh seeded Linear with one output per label (personalization, e.g. digits)."""
     model = load_lite0()
     if labels is None:
         labels = tuple(str(i) for i in range(1000))
