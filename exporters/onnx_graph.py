@@ -24,9 +24,9 @@ def _is_row_gather(node: onnx.NodeProto, name: str) -> bool:
 def apply_int8(model: onnx.ModelProto, quantized: dict[str, QuantizedTensor]) -> list[str]:
     """Replace each fp32 initializer in ``quantized`` by int8 + per-row scale.
 
-    A table only read by row Gathers (embeddings) is gathered as int8 rows and scaled after
-    the gather, so the fp32 table never exists at run time. Any other weight goes through a
-    DequantizeLinear whose output keeps the weight's name. Returns the new initializer names
+    Row Gathers of a table (embeddings) read int8 rows and scale them after the gather, so a
+    table only gathered never exists in fp32 at run time. Every other reader gets the output
+    of a DequantizeLinear that keeps the weight's name. Returns the new initializer names
     (to list as frozen, or ORT's artifact builder folds them back to fp32)."""
     g = model.graph
     inits = {i.name: i for i in g.initializer}
@@ -40,8 +40,9 @@ def apply_int8(model: onnx.ModelProto, quantized: dict[str, QuantizedTensor]) ->
         g.initializer.extend([numpy_helper.from_array(qt.q, q_name), numpy_helper.from_array(qt.scale, s_name)])
         added += [q_name, s_name]
         users = _consumers(g, name)
-        if users and all(_is_row_gather(n, name) for n in users):
-            for k, node in enumerate(users):
+        gathers = [n for n in users if _is_row_gather(n, name)]
+        if gathers:
+            for k, node in enumerate(gathers):
                 idx, out = node.input[1], node.output[0]
                 tag = f"{name}/int8_gather{k}"
                 node.input[0] = q_name
@@ -54,7 +55,7 @@ def apply_int8(model: onnx.ModelProto, quantized: dict[str, QuantizedTensor]) ->
                 ]
                 g.initializer.append(numpy_helper.from_array(np.array([-1], dtype=np.int64), tag + "/axes"))
                 added.append(tag + "/axes")
-        else:
+        if len(gathers) < len(users):  # other readers (e.g. a tied LM head) get the dequantized table
             zp_name = name + names.ZP_SUFFIX
             g.initializer.append(numpy_helper.from_array(np.zeros(qt.scale.shape, np.int8), zp_name))
             added.append(zp_name)

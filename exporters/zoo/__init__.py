@@ -113,7 +113,9 @@ ZOO: dict[str, Callable[..., ModelSource]] = {
     "tiny-encoder": tiny_encoder,
     "tiny-cnn": _lazy("tiny", "tiny_cnn"),
     "tiny-mlp": _lazy("tiny", "tiny_mlp"),
+    "tiny-decoder": _lazy("llama", "tiny_decoder"),
     "minilm": minilm,
+    "smollm2-135m": _lazy("llama", "smollm2_135m"),
     "efficientnet-lite0": _lazy("efficientnet", "efficientnet_lite0"),
 }
 

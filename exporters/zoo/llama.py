@@ -73,8 +73,10 @@ class LlamaRMSNorm(nn.Module):
 
 
 def rope_inv_freq(c: LlamaConfig) -> torch.Tensor:
-    """(head_dim / 2,) rotary frequencies, computed as Hugging Face computes them."""
-    return 1.0 / (c.rope_theta ** (torch.arange(0, c.head_dim, 2, dtype=torch.int64).float() / c.head_dim))
+    """(head_dim / 2,) rotary frequencies, computed as Hugging Face computes them (on the CPU
+    even while a model is built on the meta device: the buffer is not in the state dict)."""
+    exponent = torch.arange(0, c.head_dim, 2, dtype=torch.int64, device="cpu").float() / c.head_dim
+    return 1.0 / (c.rope_theta ** exponent)
 
 
 def rotate_half(x: torch.Tensor) -> torch.Tensor:
@@ -144,7 +146,11 @@ class LlamaDecoderLayer(nn.Module, ParallelSlot):
 class LlamaModel(nn.Module, PromptSlot):
     def __init__(self, c: LlamaConfig):
         super().__init__()
-        self.embed_tokens = nn.Embedding(c.vocab_size, c.hidden_size)
+        # nn.Embedding's own init, skipped on the meta device (from_state_dict): normal_ there
+        # runs a Python decomposition whose first use costs ~1 s of imports.
+        self.embed_tokens = nn.Embedding(c.vocab_size, c.hidden_size, _weight=torch.empty(c.vocab_size, c.hidden_size))
+        if not self.embed_tokens.weight.is_meta:
+            nn.init.normal_(self.embed_tokens.weight)
         self.layers = nn.ModuleList(LlamaDecoderLayer(c) for _ in range(c.num_hidden_layers))
         self.norm = LlamaRMSNorm(c.hidden_size, c.rms_norm_eps)
         # Not in the state dict (as in Hugging Face); reaches ONNX as a constant.
@@ -251,19 +257,21 @@ def smollm2_135m(max_length: int = 64) -> ModelSource:
 
 
 def from_state_dict(config: LlamaConfig, state: dict[str, torch.Tensor]) -> LlamaForCausalLM:
-    """A model holding exactly ``state`` (Hugging Face names; tensors are used, not copied),
-    built on the meta device: no random init of weights about to be replaced."""
+    """A float32 model holding exactly ``state`` (Hugging Face names; float32 tensors are used,
+    not copied), built on the meta device: no random init of weights about to be replaced."""
     with torch.device("meta"):
         model = LlamaForCausalLM(config)
-    state = dict(state)
-    if config.tie_word_embeddings:
-        state.setdefault("lm_head.weight", state.get("model.embed_tokens.weight"))
-    expected = set(model.state_dict())
-    missing, unexpected = sorted(expected - set(state)), sorted(set(state) - expected)
-    if missing or unexpected:
-        raise ExportError(f"the weights do not fit {config} (missing {missing[:5]}, unexpected {unexpected[:5]})")
+    state = {k: v.float() if v.is_floating_point() else v for k, v in state.items()}
+    if config.tie_word_embeddings and "model.embed_tokens.weight" in state:
+        state.setdefault("lm_head.weight", state["model.embed_tokens.weight"])
+    shapes = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    missing, unexpected = sorted(set(shapes) - set(state)), sorted(set(state) - set(shapes))
+    wrong = [f"{k} {tuple(state[k].shape)} != {shapes[k]}" for k in shapes
+             if k in state and tuple(state[k].shape) != shapes[k]]
+    if missing or unexpected or wrong:
+        raise ExportError(f"the weights do not fit {config}: missing {missing[:5]}, unexpected {unexpected[:5]}, "
+                          f"wrong shapes {wrong[:5]}")
     model.load_state_dict(state, assign=True)
     if config.tie_word_embeddings:  # assign=True replaced the shared Parameter: tie again
         model.lm_head.weight = model.model.embed_tokens.weight
-    model.model.inv_freq = rope_inv_freq(config)  # buffers outside the state dict stay on meta
     return model.eval()

@@ -35,11 +35,15 @@ class OrtTrainingBackend:
         self._module = api.Module(str(bundle.path(names.ORT_TRAINING_MODEL)), self._state,
                                   str(bundle.path(names.ORT_EVAL_MODEL)), device="cpu", session_options=opts)
         self._inputs = list(self._module.input_names())
+        self._causal = bundle.manifest.task == "causal-lm"
 
     def _args(self, batch: Batch) -> list[np.ndarray]:
         feeds = dict(batch.feeds)
-        # Inference through the eval graph: placeholder labels, the loss is ignored.
-        feeds[names.LABELS_INPUT] = batch.labels if batch.labels is not None else np.zeros(len(batch), np.int64)
+        if batch.labels is not None:
+            feeds[names.LABELS_INPUT] = batch.labels
+        else:  # inference through the eval graph: placeholder labels, the loss is ignored
+            first = next(iter(batch.feeds.values()))
+            feeds[names.LABELS_INPUT] = np.zeros(first.shape[:2] if self._causal else first.shape[:1], np.int64)
         missing = [n for n in self._inputs if n not in feeds]
         if missing:
             raise DataError(f"batch lacks model inputs {missing}; the bundle takes {self._inputs}")
