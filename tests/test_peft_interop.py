@@ -56,8 +56,9 @@ SPEC = LoraSpec(rank=4, alpha=8.0, targets=("query", "value"), modules_to_save=(
 
 
 @pytest.mark.filterwarnings("ignore::FutureWarning")
-def test_device_adapter_loads_in_peft(tmp_path, train_examples):
-    src = load_model("tiny-encoder", labels=("neg", "pos"))
+@pytest.mark.parametrize("zoo", ["tiny-encoder", pytest.param("minilm", marks=pytest.mark.slow)])
+def test_device_adapter_loads_in_peft(tmp_path, train_examples, zoo):
+    src = load_model(zoo, labels=("neg", "pos"))
     res = export_bundle(src, methods=[SPEC], quant="none", out=tmp_path / "b.edgepeft")
     s = Session.open(res.path, adapter="alice", store=tmp_path / "st", cache_dir=tmp_path / "c",
                      optimizer=OptimizerSpec(lr=1e-2), threads=1)
