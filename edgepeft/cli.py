@@ -56,10 +56,14 @@ def _names(value: str | None) -> tuple[str, ...]:
               help="A PEFT method (repeat for hybrids), e.g. 'prompt:n_tokens=8', 'bitfit', "
                    "'adapter:kind=pfeiffer,size=32', 'lora:rank=4,targets=query|value'. "
                    "When given, replaces the LoRA options above.")
+@click.option("--backend", "backends", multiple=True, type=click.Choice(["ort-training", "portable"]),
+              help="Training graphs to write (repeatable). Default: both (portable left out with a "
+                   "warning where the model cannot be turned into one).")
 @click.option("--init-adapter", type=click.Path(exists=True, file_okay=False, path_type=Path),
               help="A PEFT LoRA adapter folder (e.g. trained with HF PEFT) to start from.")
 def export(model_ref: str, out: Path, rank: int, alpha: float, targets: str, modules_to_save: str,
-           labels: str | None, quant: str, method_texts: tuple[str, ...], init_adapter: Path | None) -> None:
+           labels: str | None, quant: str, method_texts: tuple[str, ...], backends: tuple[str, ...],
+           init_adapter: Path | None) -> None:
     """Export a model with LoRA into a bundle (host side; needs torch)."""
     try:
         from edgepeft.exporters import export_bundle, load_model
@@ -73,11 +77,13 @@ def export(model_ref: str, out: Path, rank: int, alpha: float, targets: str, mod
         methods = [LoraSpec(rank=rank, alpha=alpha, targets=_names(targets), modules_to_save=_names(modules_to_save))]
     kwargs = {"labels": _names(labels)} if labels else {}
     src = load_model(model_ref, **kwargs)
-    res = export_bundle(src, methods=methods, quant=quant, out=out, init_adapter=init_adapter)
+    res = export_bundle(src, methods=methods, quant=quant, out=out, init_adapter=init_adapter,
+                        backends=backends or None)
     m = res.manifest
     click.echo(f"wrote {out} ({out.stat().st_size / 1e6:.1f} MB): {m.model_name}, "
                f"{m.trainable_params:,} trainable of {m.base_params:,} params "
-               f"({100 * m.trainable_params / m.base_params:.2f}%), base {m.quantization['scheme']}")
+               f"({100 * m.trainable_params / m.base_params:.2f}%), base {m.quantization['scheme']}, "
+               f"backends {', '.join(b for b in m.backends if b != 'onnx-inference')}")
 
 
 @main.command()
@@ -137,20 +143,26 @@ def _spec_text(spec) -> str:
 @click.option("--budget", default=None, help="Memory budget, e.g. 512MB.", envvar="EDGEPEFT_MEMORY_BUDGET")
 @click.option("--threads", default=None, type=click.IntRange(min=1), help="Compute threads.")
 @click.option("--seed", default=0, show_default=True, help="Shuffling seed.")
+@click.option("--backend", default="auto", show_default=True, type=click.Choice(["auto", "ort-training", "portable"]),
+              help="auto: ort-training where its package is installed, else portable.")
 def train(bundle: Path, data: Path, adapter: str, steps: int, batch_size: int, lr: float, eval_data: Path | None,
-          store: Path | None, budget: str | None, threads: int | None, seed: int) -> None:
+          store: Path | None, budget: str | None, threads: int | None, seed: int, backend: str) -> None:
     """Train an adapter on a JSONL file, then save it (device side)."""
     from edgepeft.data import read_jsonl
     from edgepeft.memory import fmt_bytes
     from edgepeft.optim import OptimizerSpec
     from edgepeft.runtime import Session
 
-    examples = read_jsonl(data)
-    held_out = read_jsonl(eval_data) if eval_data else None
+    from edgepeft.bundle import read_manifest
+
+    label_field = None if read_manifest(bundle).task == "causal-lm" else "label"
+    examples = read_jsonl(data, label_field=label_field)
+    held_out = read_jsonl(eval_data, label_field=label_field) if eval_data else None
     s = Session.open(bundle, memory_budget=budget, adapter=adapter, store=store, threads=threads,
-                     optimizer=OptimizerSpec(lr=lr))
+                     optimizer=OptimizerSpec(lr=lr), backend=backend)
     enc = s.encoder
-    enc.label_array([e.label for e in examples])  # refuse unknown labels before training
+    if label_field:
+        enc.label_array([e.label for e in examples])  # refuse unknown labels before training
     c = _console()
     if held_out:
         r = s.evaluate(enc.batches(held_out, 16))
@@ -164,7 +176,7 @@ def train(bundle: Path, data: Path, adapter: str, steps: int, batch_size: int, l
             loss = s.train_step(next(batches))
             prog.update(task, advance=1, description=f"training {adapter} loss {loss:.4f}")
     path = s.save_adapter()
-    c.print(f"last loss {loss:.4f}; adapter {adapter!r} ({s.steps} steps in all) saved to {path}")
+    c.print(f"last loss {loss:.4f}; adapter {adapter!r} ({s.steps} steps in all, {s.backend.name}) saved to {path}")
     if held_out:
         r = s.evaluate(enc.batches(held_out, 16))
         c.print(f"after: loss {r.loss:.4f}, accuracy {r.accuracy:.3f} on {r.n}")

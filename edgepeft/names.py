@@ -15,6 +15,14 @@ ORT_TRAINING_MODEL = f"{ORT_DIR}/training_model.onnx"
 ORT_EVAL_MODEL = f"{ORT_DIR}/eval_model.onnx"
 ORT_CHECKPOINT = f"{ORT_DIR}/checkpoint"
 
+# The portable gradient graph (standard ONNX ops: runs on any onnxruntime), under portable/.
+PORTABLE_GRADIENT_MODEL = "portable/gradient.onnx"
+
+# Backends a bundle can carry (manifest "backends" keys).
+BACKEND_ORT = "ort-training"
+BACKEND_PORTABLE = "portable"
+EXPORT_BACKENDS = (BACKEND_ORT, BACKEND_PORTABLE)
+
 # Graph I/O.
 LABELS_INPUT = "labels"
 IGNORE_INDEX = -100  # a label that takes no part in the loss (padding, the last position of a sequence)

@@ -19,7 +19,7 @@ from edgepeft import names
 from edgepeft.adapters import AdapterStore
 from edgepeft.bundle import write_bundle
 from edgepeft.errors import ExportError, SpecError
-from edgepeft.exporters import onnx_graph, ort_artifacts
+from edgepeft.exporters import gradient_graph, onnx_graph, ort_artifacts
 from edgepeft.exporters.peft import InjectContext, Trainable, inject
 from edgepeft.exporters.peft_import import load_peft_adapter
 from edgepeft.exporters.quantize import quantize_frozen
@@ -57,13 +57,17 @@ def export_bundle(
     dynamic_axes: dict[str, dict[int, str]] | None = None,
     name: str | None = None,
     init_adapter: str | Path | None = None,
+    backends: Sequence[str] | None = None,
 ) -> ExportResult:
     """Export ``model`` with ``methods`` injected into the bundle file ``out``.
 
     ``model`` is an eager module (then ``example_inputs`` maps input names to example
     tensors, in forward's argument order) or a zoo ``ModelSource`` that carries them.
     ``init_adapter``: a PEFT adapter folder (e.g. trained on a host with HF PEFT) whose
-    values become the bundle's initial adapter."""
+    values become the bundle's initial adapter. ``backends``: which training graphs to
+    write: "ort-training" (ONNX Runtime's training artifacts) and/or "portable" (a standard
+    ONNX gradient graph for any onnxruntime). The default, None, writes both, leaving out
+    (with a warning) a portable graph the model cannot be turned into."""
     if isinstance(model, ModelSource):
         src = model
     else:
@@ -79,6 +83,11 @@ def export_bundle(
     loss = loss or LOSSES[src.task]
     if loss != LOSSES[src.task]:
         raise SpecError(f"`loss` {loss!r} does not fit the model's task {src.task!r} (use {LOSSES[src.task]!r})")
+    best_effort = backends is None
+    backends = names.EXPORT_BACKENDS if backends is None else tuple(backends)
+    unknown = sorted(set(backends) - set(names.EXPORT_BACKENDS))
+    if unknown or not backends:
+        raise SpecError(f"`backends` must be some of {list(names.EXPORT_BACKENDS)}, got {list(backends)}")
     if quant not in ("int8", "none"):
         raise SpecError(f"`quant` must be 'int8' or 'none', got {quant!r}")
     out = Path(out)
@@ -110,9 +119,26 @@ def export_bundle(
         inference = onnx_graph.expose_as_inputs(forward, trainable_names)
         onnx.save(inference, tmp / names.INFERENCE_MODEL)
         files[names.INFERENCE_MODEL] = tmp / names.INFERENCE_MODEL
-        roles = ort_artifacts.generate(forward, trainable_names, frozen, tmp / names.ORT_DIR, loss=loss)
-        for member in roles.values():
-            files[member] = tmp / member
+        bundle_backends: dict[str, dict[str, str]] = {"onnx-inference": {"inference_model": names.INFERENCE_MODEL}}
+        if names.BACKEND_ORT in backends:
+            roles = ort_artifacts.generate(forward, trainable_names, frozen, tmp / names.ORT_DIR, loss=loss)
+            files.update({member: tmp / member for member in roles.values()})
+            bundle_backends[names.BACKEND_ORT] = dict(roles)
+        if names.BACKEND_PORTABLE in backends:
+            grad_path = tmp / names.PORTABLE_GRADIENT_MODEL
+            grad_path.parent.mkdir(parents=True, exist_ok=True)
+            try:
+                grad = gradient_graph.build(ref, src.example_inputs, _example_labels(src), src.dynamic_axes,
+                                            trainable_names, src.task == "causal-lm", quantized, grad_path,
+                                            src.max_length)
+            except ExportError as e:
+                if not best_effort:
+                    raise
+                warnings.warn(f"the bundle has no portable backend: {str(e).splitlines()[0][:300]}", stacklevel=2)
+            else:
+                onnx.save(grad, grad_path)
+                files[names.PORTABLE_GRADIENT_MODEL] = grad_path
+                bundle_backends[names.BACKEND_PORTABLE] = {"gradient_model": names.PORTABLE_GRADIENT_MODEL}
         if src.tokenizer_json is not None:
             (tmp / names.TOKENIZER).write_text(src.tokenizer_json)
             files[names.TOKENIZER] = tmp / names.TOKENIZER
@@ -141,7 +167,7 @@ def export_bundle(
                 "fp32_bytes": int(sum(q.q.size * 4 for q in quantized.values())),
             },
             base_params=base_params,
-            backends={"ort-training": dict(roles), "onnx-inference": {"inference_model": names.INFERENCE_MODEL}},
+            backends=bundle_backends,
         )
         store = AdapterStore(tmp / "adapters", manifest)
         folder = store.save("initial", {t.name: t.param.detach().numpy() for t in trainables},
@@ -151,6 +177,13 @@ def export_bundle(
         manifest = write_bundle(out, manifest, files)
     del added
     return ExportResult(out, manifest, ref, trainables)
+
+
+def _example_labels(src: ModelSource) -> torch.Tensor:
+    first = next(iter(src.example_inputs.values()))
+    if src.task == "causal-lm":
+        return torch.ones(first.shape[:2], dtype=torch.int64)
+    return torch.zeros(first.shape[0], dtype=torch.int64)
 
 
 def _output_width(src: ModelSource) -> int:

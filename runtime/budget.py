@@ -10,13 +10,17 @@ from edgepeft.memory import fmt_bytes, peak_rss_bytes, reset_peak, rss_bytes
 from edgepeft import names
 
 
-def static_bytes(bundle: OpenedBundle) -> int:
-    """What loading the bundle for training costs at the least: the checkpoint (all tensors),
-    the graphs, and per trainable float a gradient and two AdamW moments."""
+def static_bytes(bundle: OpenedBundle, backend: str) -> int:
+    """What loading the bundle for training on ``backend`` costs at the least: the graphs and
+    tensors it loads, and per trainable float a gradient and two AdamW moments."""
     m = bundle.manifest
-    files = sum(bundle.path(x).stat().st_size for x in
-                (names.ORT_CHECKPOINT, names.ORT_TRAINING_MODEL, names.ORT_EVAL_MODEL)
-                if x in m.members)
+    if backend in m.backends:
+        members = list(m.backends[backend].values())
+        if backend == names.BACKEND_PORTABLE:
+            members.append(names.INFERENCE_MODEL)
+    else:
+        members = []
+    files = sum(bundle.path(x).stat().st_size for x in members if x in m.members)
     return files + 3 * 4 * m.trainable_params
 
 

@@ -85,9 +85,9 @@ class Session:
         budget = MemoryBudget(parse_size(memory_budget))
         budget.start()
         bundle = open_bundle(Path(path), Path(cache_dir) if cache_dir else None)
-        budget.precheck(static_bytes(bundle), f"bundle {Path(path).name!r}")
         budget.begin()
-        be = make_backend(backend, bundle, threads=threads)
+        be = make_backend(backend, bundle, threads=threads, precheck=lambda name: budget.precheck(
+            static_bytes(bundle, name), f"bundle {Path(path).name!r} on {name}"))
         store_dir = Path(store) if store else default_store(Path(path))
         s = cls(bundle, be, AdapterStore(store_dir, bundle.manifest), budget, optimizer or OptimizerSpec())
         s._cur = s._load(adapter, create=True)

@@ -14,6 +14,10 @@ from edgepeft.data import Example
 from edgepeft.specs import LoraSpec
 
 LABELS = ("neg", "pos")
+# Most tests exercise one backend; the portable gradient graph takes ~15 s to build even for a
+# tiny model, so only the tests about it (test_portable.py, the method table's portable
+# column) ask for it.
+ORT_ONLY = ("ort-training",)
 LORA = LoraSpec(rank=4, alpha=8.0, targets=("query", "value"), modules_to_save=("classifier",))
 
 TRAIN = [
@@ -44,7 +48,8 @@ def _no_home_cache(tmp_path_factory, monkeypatch):
 def export_tiny(out: Path, quant: str, methods=(LORA,)):
     from edgepeft.exporters import export_bundle, load_model
 
-    return export_bundle(load_model("tiny-encoder", labels=LABELS), methods=list(methods), out=out, quant=quant)
+    return export_bundle(load_model("tiny-encoder", labels=LABELS), methods=list(methods), out=out, quant=quant,
+                         backends=ORT_ONLY)
 
 
 @pytest.fixture(scope="module")

@@ -20,7 +20,8 @@ def cli_env(tmp_path_factory):
     env = {"EDGEPEFT_CACHE": str(d / "cache")}
     runner = CliRunner(env=env)
     bundle = d / "tiny.edgepeft"
-    r = runner.invoke(main, ["export", "--model", "tiny-encoder", "--out", str(bundle), "--rank", "4"])
+    r = runner.invoke(main, ["export", "--model", "tiny-encoder", "--out", str(bundle), "--rank", "4",
+                             "--backend", "ort-training"])
     assert r.exit_code == 0, r.output
     data = d / "train.jsonl"
     data.write_text("\n".join(json.dumps({"text": t, "label": lab}) for t, lab in TEXTS * 4) + "\n")
@@ -31,7 +32,7 @@ def test_export_reports_trainable_share(cli_env):
     runner, d, bundle, _ = cli_env
     assert bundle.is_file()
     r = runner.invoke(main, ["export", "--model", "tiny-encoder", "--out", str(d / "x.edgepeft"), "--rank", "2",
-                             "--quant", "none", "--modules-to-save", ""])
+                             "--quant", "none", "--modules-to-save", "", "--backend", "ort-training"])
     assert r.exit_code == 0, r.output
     assert "trainable of" in r.output and "base none" in r.output
 
@@ -72,6 +73,8 @@ def test_train_then_list(cli_env):
     (lambda d, b, data: ["train", str(b), "--data", str(d / "unknown.jsonl"), "--adapter", "a"], "not in the bundle's label set"),
     (lambda d, b, data: ["train", str(b), "--data", str(data), "--adapter", "../evil"], "not allowed"),
     (lambda d, b, data: ["train", str(b), "--data", str(data), "--adapter", "a", "--budget", "1KB"], "memory budget"),
+    (lambda d, b, data: ["train", str(b), "--data", str(data), "--adapter", "a", "--backend", "portable"],
+     "no portable gradient graph"),
     (lambda d, b, data: ["export", "--model", "tiny-encoder", "--out", str(d / "y.edgepeft"), "--targets", "qkv"],
      "query"),
     (lambda d, b, data: ["export", "--model", "nosuchmodel", "--out", str(d / "y.edgepeft")], "tiny-encoder"),
@@ -98,7 +101,7 @@ def test_user_model_factory(cli_env, tmp_path, monkeypatch):
     """))
     monkeypatch.syspath_prepend(str(tmp_path))
     out = tmp_path / "mine.edgepeft"
-    r = runner.invoke(main, ["export", "--model", "mymodels:sentiment", "--out", str(out)])
+    r = runner.invoke(main, ["export", "--model", "mymodels:sentiment", "--out", str(out), "--backend", "ort-training"])
     assert r.exit_code == 0, r.output
     r = runner.invoke(main, ["inspect", str(out), "--json"])
     m = json.loads(r.output)
@@ -110,7 +113,7 @@ def test_export_with_method_specs(cli_env):
     out = d / "hybrid.edgepeft"
     r = runner.invoke(main, ["export", "--model", "tiny-encoder", "--out", str(out),
                              "--method", "prompt:n_tokens=3", "--method", "lora:rank=2,targets=query|value",
-                             "--method", "selective:modules=classifier"])
+                             "--method", "selective:modules=classifier", "--backend", "ort-training"])
     assert r.exit_code == 0, r.output
     m = json.loads(runner.invoke(main, ["inspect", str(out), "--json"]).output)
     assert [x["method"] for x in m["methods"]] == ["prompt", "lora", "selective"]

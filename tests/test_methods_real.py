@@ -62,7 +62,7 @@ ROWS = [
 def test_real_model_row(tmp_path, model, kwargs, methods, lr, make_batch):
     from edgepeft.exporters import export_bundle, load_model
 
-    res = export_bundle(load_model(model, **kwargs), methods=methods, quant="int8", out=tmp_path / "b.edgepeft")
+    res = export_bundle(load_model(model, **kwargs), methods=methods, quant="int8", out=tmp_path / "b.edgepeft", backends=("ort-training",))
     s = Session.open(res.path, adapter="a", store=tmp_path / "st", cache_dir=tmp_path / "c", threads=2,
                      optimizer=OptimizerSpec(lr=lr))
     batch = make_batch(s)

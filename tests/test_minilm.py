@@ -18,7 +18,7 @@ def minilm(tmp_path_factory):
     from edgepeft.exporters import export_bundle, load_model
 
     d = tmp_path_factory.mktemp("minilm")
-    res = export_bundle(load_model("minilm"), out=d / "minilm.edgepeft", quant="int8",
+    res = export_bundle(load_model("minilm"), out=d / "minilm.edgepeft", quant="int8", backends=("ort-training",),
                         methods=[LoraSpec(rank=8, targets=("query", "value"), modules_to_save=("classifier",))])
     train, test = user_split(bbc_news(("business", "sport", "tech")), n_train=48, n_test=24, seed=5)
     return res, d, train, test

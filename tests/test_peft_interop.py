@@ -14,6 +14,7 @@ import torch
 peft = pytest.importorskip("peft")
 transformers = pytest.importorskip("transformers")
 
+from conftest import ORT_ONLY  # noqa: E402
 from edgepeft.errors import AdapterError  # noqa: E402
 from edgepeft.exporters import export_bundle, load_model  # noqa: E402
 from edgepeft.runtime import OptimizerSpec, Session  # noqa: E402
@@ -59,7 +60,7 @@ SPEC = LoraSpec(rank=4, alpha=8.0, targets=("query", "value"), modules_to_save=(
 @pytest.mark.parametrize("zoo", ["tiny-encoder", pytest.param("minilm", marks=pytest.mark.slow)])
 def test_device_adapter_loads_in_peft(tmp_path, train_examples, zoo):
     src = load_model(zoo, labels=("neg", "pos"))
-    res = export_bundle(src, methods=[SPEC], quant="none", out=tmp_path / "b.edgepeft")
+    res = export_bundle(src, methods=[SPEC], quant="none", out=tmp_path / "b.edgepeft", backends=ORT_ONLY)
     s = Session.open(res.path, adapter="alice", store=tmp_path / "st", cache_dir=tmp_path / "c",
                      optimizer=OptimizerSpec(lr=1e-2), threads=1)
     for _ in range(5):
@@ -85,7 +86,7 @@ def test_peft_adapter_starts_a_bundle(tmp_path, train_examples):
             if p.requires_grad:
                 p.add_(torch.randn(p.shape, generator=g) * 0.1)
     pm.save_pretrained(tmp_path / "hf_adapter")
-    res = export_bundle(src, methods=[SPEC], quant="none", out=tmp_path / "b.edgepeft",
+    res = export_bundle(src, methods=[SPEC], quant="none", out=tmp_path / "b.edgepeft", backends=ORT_ONLY,
                         init_adapter=tmp_path / "hf_adapter")
     s = Session.open(res.path, adapter="x", store=tmp_path / "st", cache_dir=tmp_path / "c", threads=1)
     b = s.encoder.batch(train_examples)
@@ -104,7 +105,7 @@ def test_bad_init_adapter_is_refused(tmp_path, change, needle):
     pm.save_pretrained(tmp_path / "a")
     change(tmp_path / "a")
     with pytest.raises(AdapterError, match=needle):
-        export_bundle(src, methods=[SPEC], quant="none", out=tmp_path / "b.edgepeft", init_adapter=tmp_path / "a")
+        export_bundle(src, methods=[SPEC], quant="none", out=tmp_path / "b.edgepeft", init_adapter=tmp_path / "a", backends=ORT_ONLY)
     assert not (tmp_path / "b.edgepeft").exists()
 
 
@@ -113,7 +114,7 @@ def test_init_adapter_with_wrong_targets_is_refused(tmp_path):
     pm = peft.get_peft_model(hf_twin(src), peft.LoraConfig(r=4, lora_alpha=8, target_modules=["key"]))
     pm.save_pretrained(tmp_path / "a")
     with pytest.raises(AdapterError, match="no place in this export"):
-        export_bundle(src, methods=[SPEC], quant="none", out=tmp_path / "b.edgepeft", init_adapter=tmp_path / "a")
+        export_bundle(src, methods=[SPEC], quant="none", out=tmp_path / "b.edgepeft", init_adapter=tmp_path / "a", backends=ORT_ONLY)
     shutil.rmtree(tmp_path / "a")
 
 

@@ -226,7 +226,7 @@ def test_bundle_train_step_matches_the_reference(tmp_path, factory, lora, make_i
     from edgepeft.specs import LoraSpec
 
     src = factory()
-    result = export_bundle(src, methods=[LoraSpec(rank=2, **lora)], out=tmp_path / "m.edgepeft")
+    result = export_bundle(src, methods=[LoraSpec(rank=2, **lora)], out=tmp_path / "m.edgepeft", backends=("ort-training",))
     assert result.manifest.labels == src.labels
     assert [(i.name, i.shape[0]) for i in result.manifest.inputs] == [(k, "batch") for k in src.example_inputs]
     feeds = make_input(4)
@@ -379,7 +379,7 @@ def test_lite0_personalization_bundle_trains(tmp_path):
     from edgepeft.specs import LoraSpec
 
     src = efficientnet_lite0(labels=tuple("0123456789"))
-    result = export_bundle(src, methods=[LoraSpec(rank=4, targets=("_fc",))], out=tmp_path / "lite0.edgepeft")
+    result = export_bundle(src, methods=[LoraSpec(rank=4, targets=("_fc",))], out=tmp_path / "lite0.edgepeft", backends=("ort-training",))
     x, labels = pixels(4, 224, seed=5), np.array([3, 1, 4, 1], dtype=np.int64)
     with torch.no_grad():
         want = F.cross_entropy(result.reference(x), torch.from_numpy(labels)).item()

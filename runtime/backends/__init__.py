@@ -1,35 +1,46 @@
-"""Runtime backends behind one Protocol; chosen by name, or "auto" (the first available)."""
+"""Runtime backends behind one Protocol; chosen by name, or "auto": ort-training where the
+training build is installed and the bundle has its artifacts, else portable."""
 from __future__ import annotations
 
 import importlib.util
-import os
+from typing import Callable
 
+from edgepeft import names
 from edgepeft.bundle import OpenedBundle
 from edgepeft.errors import BackendError
+from edgepeft.runtime.backends._ort_import import has_training_build
 from edgepeft.runtime.backends.base import Backend
 
-BACKENDS = ("ort-training",)
+BACKENDS = (names.BACKEND_ORT, names.BACKEND_PORTABLE)
 
 
 def available(name: str) -> bool:
-    if name == "ort-training":
-        spec = importlib.util.find_spec("onnxruntime")
-        if spec is None or not spec.submodule_search_locations:
-            return False
-        return os.path.isdir(os.path.join(list(spec.submodule_search_locations)[0], "training", "api"))
+    if name == names.BACKEND_ORT:
+        return has_training_build()
+    if name == names.BACKEND_PORTABLE:
+        return importlib.util.find_spec("onnxruntime") is not None
     return False
 
 
-def make_backend(name: str, bundle: OpenedBundle, *, threads: int | None) -> Backend:
+def make_backend(name: str, bundle: OpenedBundle, *, threads: int | None,
+                 precheck: Callable[[str], None] = lambda name: None) -> Backend:
+    """``precheck(name)`` runs once the backend is chosen, before it loads anything."""
     if name == "auto":
-        name = next((b for b in BACKENDS if available(b) and b in bundle.manifest.backends), "")
+        name = next((b for b in BACKENDS if b in bundle.manifest.backends and available(b)), "")
         if not name:
-            raise BackendError(f"no runtime backend available here for this bundle (bundle has "
-                               f"{sorted(bundle.manifest.backends)}); install onnxruntime-training-cpu==1.19.2")
-    if name == "ort-training":
+            raise BackendError(f"no runtime backend available here for this bundle (it has "
+                               f"{sorted(bundle.manifest.backends)}); install onnxruntime (portable) or "
+                               "onnxruntime-training-cpu==1.19.2 (ort-training)")
+    if name in BACKENDS:
+        precheck(name)
+    if name == names.BACKEND_ORT:
         from edgepeft.runtime.backends.ort_training import OrtTrainingBackend
 
         return OrtTrainingBackend(bundle, threads=threads)
+    if name == names.BACKEND_PORTABLE:
+        from edgepeft.runtime.backends.portable import PortableBackend
+
+        return PortableBackend(bundle, threads=threads)
     raise BackendError(f"unknown backend {name!r}; known: {list(BACKENDS)}")
 
 

@@ -15,6 +15,39 @@ import types
 from edgepeft.errors import BackendError
 
 
+def onnxruntime():
+    """``import onnxruntime`` without dragging torch in (plain builds need no help; the
+    training build gets the stub first)."""
+    if "onnxruntime" not in sys.modules and has_training_build():
+        _install_stub()
+    try:
+        import onnxruntime as ort
+    except ImportError:
+        raise BackendError("the portable backend needs onnxruntime (pip install 'edgepeft[portable]')") from None
+    return ort
+
+
+def _pkg_dir() -> str | None:
+    spec = importlib.util.find_spec("onnxruntime")
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    return list(spec.submodule_search_locations)[0]
+
+
+def has_training_build() -> bool:
+    d = _pkg_dir()
+    return d is not None and os.path.isdir(os.path.join(d, "training", "api"))
+
+
+def _install_stub() -> None:
+    if "onnxruntime.training" in sys.modules:
+        return
+    stub = types.ModuleType("onnxruntime.training")
+    stub.__path__ = [os.path.join(_pkg_dir(), "training")]
+    sys.modules["onnxruntime.training"] = stub
+    sys.modules.setdefault("onnxruntime.training.ortmodule", None)
+
+
 def training_api():
     if "onnxruntime.training" not in sys.modules:
         spec = importlib.util.find_spec("onnxruntime")

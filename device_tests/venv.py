@@ -1,0 +1,43 @@
+"""A device-like Python environment: a fresh virtualenv holding the edgepeft wheel and the
+portable backend's dependencies only (plain onnxruntime, numpy, safetensors, tokenizers; no
+torch, no onnxruntime-training). Used to prove the device path runs without the host stack."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import venv
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+DEVICE_REQUIREMENTS = ("onnxruntime", "numpy", "safetensors", "tokenizers", "click", "rich")
+
+
+def build_wheel(out_dir: Path) -> Path:
+    """The edgepeft wheel, built from this checkout with the current interpreter."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation",
+                    "-w", str(out_dir), str(REPO)], check=True)
+    return next(out_dir.glob("edgepeft-*.whl"))
+
+
+def make_device_venv(root: Path, wheel: Path) -> Path:
+    """Create ``root`` with the wheel and the device dependencies; returns its python."""
+    venv.EnvBuilder(with_pip=True, clear=True).create(root)
+    py = root / "bin" / "python"
+    # No constraints file here on purpose: the device gets whatever onnxruntime PyPI serves
+    # today (the maintained one), not the dev environment's pins.
+    subprocess.run([str(py), "-m", "pip", "install", "-q", "--disable-pip-version-check",
+                    *DEVICE_REQUIREMENTS], check=True)
+    subprocess.run([str(py), "-m", "pip", "install", "-q", "--disable-pip-version-check", "--no-deps", str(wheel)],
+                   check=True)
+    return py
+
+
+def run_json(python: Path, script: str, *args: str, timeout: float = 600) -> dict:
+    """Run ``script`` (source text) with ``python`` outside the repo; it prints one JSON line last."""
+    proc = subprocess.run([str(python), "-c", script, *args], capture_output=True, text=True, timeout=timeout,
+                          cwd="/")
+    if proc.returncode != 0:
+        raise RuntimeError(f"device script failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
