@@ -229,11 +229,13 @@ def adapters_list(bundle: Path, store: Path | None, as_json: bool) -> None:
 @click.option("--out", default="out/demo", show_default=True, type=click.Path(file_okay=False, path_type=Path))
 @click.option("--steps", default=30, show_default=True, type=click.IntRange(min=1), help="Training steps per user.")
 @click.option("--budget", default="1GB", show_default=True, help="Memory budget of the device session.")
-def demo(out: Path, steps: int, budget: str) -> None:
+@click.option("--backend", default="ort-training", show_default=True, type=click.Choice(["ort-training", "portable"]),
+              help="Runtime backend (portable: plain onnxruntime; its export takes ~1 min longer).")
+def demo(out: Path, steps: int, budget: str, backend: str) -> None:
     """Export MiniLM + LoRA (int8 base), personalize two users on BBC News, hot-swap."""
     from edgepeft.demo import run_demo
 
-    run_demo(out, steps=steps, budget=budget)
+    run_demo(out, steps=steps, budget=budget, backend=backend)
 
 
 if __name__ == "__main__":

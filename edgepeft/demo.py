@@ -26,7 +26,8 @@ BATCH = 8
 LR = 3e-3
 
 
-def run_demo(out: Path, *, steps: int = 30, budget: str = "1GB", n_test: int = 60) -> dict:
+def run_demo(out: Path, *, steps: int = 30, budget: str = "1GB", n_test: int = 60,
+             backend: str = "ort-training") -> dict:
     console = Console(highlight=False)
     out = Path(out)
     bundle = out / "minilm-bbc.edgepeft"
@@ -40,8 +41,8 @@ def run_demo(out: Path, *, steps: int = 30, budget: str = "1GB", n_test: int = 6
     from edgepeft.specs import LoraSpec
 
     t = time.perf_counter()
-    with console.status("exporting MiniLM-L6 + LoRA r8 (query, value) + head, int8 base ..."):
-        res = export_bundle(load_model("minilm"), out=bundle, quant="int8",
+    with console.status(f"exporting MiniLM-L6 + LoRA r8 (query, value) + head, int8 base, for {backend} ..."):
+        res = export_bundle(load_model("minilm"), out=bundle, quant="int8", backends=(backend,),
                             methods=[LoraSpec(rank=8, alpha=16, targets=("query", "value"),
                                               modules_to_save=("classifier",))])
     m = res.manifest
@@ -62,8 +63,8 @@ def run_demo(out: Path, *, steps: int = 30, budget: str = "1GB", n_test: int = 6
         write_jsonl(out / f"{user}.test.jsonl", test)
     t = time.perf_counter()
     s = Session.open(bundle, memory_budget=budget, adapter="alice", store=store, threads=2,
-                     optimizer=OptimizerSpec(lr=LR))
-    console.print(f"session open in {time.perf_counter() - t:.2f} s, memory budget {budget}")
+                     optimizer=OptimizerSpec(lr=LR), backend=backend)
+    console.print(f"session open in {time.perf_counter() - t:.2f} s on the {backend} backend, memory budget {budget}")
     enc = s.encoder
     results: dict[str, dict] = {}
     for k, user in enumerate(USERS):

