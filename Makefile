@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 PIP    := $(BIN)/python -m pip install --disable-pip-version-check -q -c requirements/constraints.txt
 STAMP  := $(VENV)/.installed
 
-.PHONY: setup demo test test-fast clean
+.PHONY: setup demo test test-fast bench clean
 
 setup: $(STAMP)
 
@@ -27,3 +27,6 @@ test-fast: setup
 
 clean:
 	rm -rf $(VENV) out .pytest_cache
+
+bench: setup
+	$(BIN)/python -m benchmarks.portable_vs_ort
