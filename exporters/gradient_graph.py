@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+import logging
 import warnings
 from pathlib import Path
 
@@ -108,6 +109,9 @@ def build(model: nn.Module, example_inputs: dict[str, torch.Tensor], labels: tor
     args = (*example_inputs.values(), labels)
     params = dict(model.named_parameters())
     train_values = tuple(params[n].detach().clone() for n in trainable)
+    onnx_log = logging.getLogger("torch.onnx")
+    level = onnx_log.level
+    onnx_log.setLevel(logging.ERROR)  # "torchvision is not installed. Skipping ..." x4, every export
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
@@ -133,6 +137,8 @@ def build(model: nn.Module, example_inputs: dict[str, torch.Tensor], labels: tor
         raise
     except Exception as e:  # torch.export raises many kinds; say which stage failed
         raise ExportError(f"could not build the portable gradient graph: {type(e).__name__}: {e}") from e
+    finally:
+        onnx_log.setLevel(level)
     m = onnx.load(str(path))
     _rename_initializers(m, grad_module.renames)
     onnx_graph.apply_int8(m, {k: v for k, v in quantized.items()})
