@@ -9,7 +9,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal, Sequence
 
-import numpy as np
 import onnx
 import torch
 import torch.nn as nn
@@ -110,7 +109,7 @@ def export_bundle(
         if lost:
             raise ExportError(f"the exported graph lost the names of trainable tensors {lost[:5]}; "
                               "they must reach ONNX as named initializers")
-        added = onnx_graph.apply_int8(forward, quantized)
+        onnx_graph.apply_int8(forward, quantized)
         onnx_graph.add_layernorm_stats(forward)
         onnx.checker.check_model(forward)
         frozen = sorted({i.name for i in forward.graph.initializer} - set(trainable_names))
@@ -175,7 +174,6 @@ def export_bundle(
         for f in folder.iterdir():
             files[f"{names.INITIAL_ADAPTER_DIR}/{f.name}"] = f
         manifest = write_bundle(out, manifest, files)
-    del added
     return ExportResult(out, manifest, ref, trainables)
 
 
@@ -226,7 +224,3 @@ def _to_onnx(model: nn.Module, src: ModelSource, path: Path) -> onnx.ModelProto:
     del m.graph.input[:]
     m.graph.input.extend(kept)
     return m
-
-
-def numpy_params(trainables: list[Trainable]) -> dict[str, np.ndarray]:
-    return {t.name: t.param.detach().numpy().copy() for t in trainables}
