@@ -1,0 +1,152 @@
+"""The memory model against real measurements: for each model x backend x (batch, seq), the
+predicted and measured peak of every phase and the error in %.
+
+    python -m benchmarks.memory_model                # measure, report (JSON + markdown)
+    python -m benchmarks.memory_model --fit          # also fit the backend constants
+
+``--fit`` solves the per-backend constants of edgepeft/memory_model.py by least squares on the
+CALIBRATION rows only (the tiny encoder, and MiniLM at two shapes) and prints them; every other
+row (the tiny decoder, MiniLM's other shapes) is held out, and the report marks which is which.
+Each configuration is measured in its own fresh, torch-free process."""
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import time
+from pathlib import Path
+
+import numpy as np
+
+from edgepeft import memory_model, profiler
+from edgepeft.bundle import open_bundle
+
+MODELS = {"tiny-encoder": ("query", "value"), "tiny-decoder": ("q_proj", "v_proj"), "minilm": ("query", "value")}
+GRID = [(8, 128), (4, 128), (8, 64), (16, 64), (2, 128), (1, 32)]
+CALIBRATION = {("tiny-encoder", b, s) for b, s in GRID} | {("minilm", 8, 128), ("minilm", 4, 128)}
+OUT = Path(__file__).parent / "results"
+
+
+def export(name: str, folder: Path) -> Path:
+    from edgepeft.exporters import export_bundle, load_model
+    from edgepeft.specs import LoraSpec
+
+    path = folder / f"{name}.edgepeft"
+    if path.exists():
+        return path
+    src = load_model(name, labels=tuple("abcde")) if name != "tiny-decoder" else load_model(name)
+    head = ("classifier",) if src.task == "classification" else ()
+    export_bundle(src, methods=[LoraSpec(rank=8, alpha=16.0, targets=MODELS[name], modules_to_save=head)], out=path,
+                  quant="int8")
+    return path
+
+
+def run(models, backends, grid, folder: Path) -> list[dict]:
+    rows = []
+    for name in models:
+        path = export(name, folder)
+        manifest = open_bundle(path).manifest
+        for backend in backends:
+            if backend not in manifest.backends:
+                print(f"{name}: no {backend} graph, skipped")
+                continue
+            for batch, seq in grid:
+                seq = min(seq, manifest.max_length)
+                m = profiler.measure(path, backend=backend, batch=batch, seq=seq, threads=2)
+                rows.append({"model": name, "backend": backend, "batch": batch, "seq": seq, "measured": m["peaks"],
+                             "baseline": m["baseline"], "calibration": (name, batch, seq) in CALIBRATION,
+                             "card": manifest.memory, "trainable": manifest.trainable_params})
+                print(name, backend, batch, seq, {k: v >> 20 for k, v in m["peaks"].items()}, flush=True)
+    return rows
+
+
+def fit(rows: list[dict], backend: str) -> dict:
+    """Least squares for each phase's increment over the previous one."""
+    cal = [r for r in rows if r["calibration"] and r["backend"] == backend]
+    if not cal:
+        return {}
+    mi = memory_model.INTERPRETER
+    # open = interpreter + library + k_w * frozen + adapter
+    a = np.array([[1.0, r["card"]["frozen_bytes"]] for r in cal])
+    y = np.array([r["measured"]["open"] - mi - 4 * r["trainable"] for r in cal])
+    library, k_w = np.linalg.lstsq(a, y, rcond=None)[0]
+    # train - open = t0 + k_d * dequantized + k_a * activations + 4 * 4 * trainable
+    acts = lambda r: r["batch"] * float(np.polyval(r["card"]["activations_per_example"][::-1], r["seq"]))  # noqa: E731
+    a = np.array([[1.0, r["card"]["dequant_fp32_bytes"], acts(r)] for r in cal])
+    y = np.array([r["measured"]["train_step"] - r["measured"]["open"] - 16 * r["trainable"] for r in cal])
+    t0, k_d, k_a = np.linalg.lstsq(a, y, rcond=None)[0]
+    # evaluate - train = e0 + e1 * batch * d(activations)/d(seq) * seq + ew * frozen (the
+    # evaluation/inference session's own weights, where the backend opens one)
+    per_pos = lambda r: r["batch"] * (r["card"]["activations_per_example"][1]  # noqa: E731
+                                      + 2 * r["card"]["activations_per_example"][2] * r["seq"]) * r["seq"]
+    a = np.array([[1.0, per_pos(r), r["card"]["frozen_bytes"]] for r in cal])
+    y = np.array([r["measured"]["evaluate"] - r["measured"]["train_step"] for r in cal])
+    e0, e1, ew = np.linalg.lstsq(a, y, rcond=None)[0]
+    return {"library": int(library), "k_weights": round(float(k_w), 3), "train_fixed": int(t0), "k_dequant": round(float(k_d), 3),
+            "k_acts": round(float(k_a), 3), "e0": int(e0), "e1": round(float(e1), 3),
+            "eval_weights": round(float(ew), 3)}
+
+
+def report(rows: list[dict]) -> tuple[list[dict], str]:
+    from edgepeft.manifest import Manifest
+
+    out, lines = [], ["| model | backend | batch x seq | set | " + " | ".join(memory_model.PHASES) + " |",
+                      "|---|---|---|---|" + "---|" * len(memory_model.PHASES)]
+    for r in rows:
+        m = _manifest_like(r)
+        p = memory_model.predict(m, backend=r["backend"], batch=r["batch"], seq=r["seq"])
+        err = {k: 100.0 * (p.phases[k] - v) / v for k, v in r["measured"].items()}
+        out.append({k: r[k] for k in ("model", "backend", "batch", "seq", "calibration")}
+                   | {"measured": r["measured"], "predicted": p.phases, "error_pct": err})
+        cells = [f"{r['measured'][k] / 2**20:.0f} / {p.phases[k] / 2**20:.0f} ({err[k]:+.1f}%)"
+                 for k in memory_model.PHASES]
+        lines.append(f"| {r['model']} | {r['backend']} | {r['batch']} x {r['seq']} | "
+                     f"{'fit' if r['calibration'] else 'held out'} | " + " | ".join(cells) + " |")
+    del Manifest
+    return out, "\n".join(lines)
+
+
+class _manifest_like:  # noqa: N801 - just what predict() reads
+    def __init__(self, r: dict):
+        self.memory = r["card"]
+        self.trainable_params = r["trainable"]
+        self.max_length = r["seq"]
+        self.inputs = [type("IO", (), {"shape": ("batch", "seq")})()]
+        self.model_name = r["model"]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--models", default=",".join(MODELS))
+    ap.add_argument("--backends", default="ort-training,portable")
+    ap.add_argument("--fit", action="store_true")
+    ap.add_argument("--rows", type=Path, default=None, help="reuse measured rows (JSON) instead of measuring")
+    ap.add_argument("--work", type=Path, default=Path("out/bench-memory"))
+    a = ap.parse_args()
+    a.work.mkdir(parents=True, exist_ok=True)
+    t = time.time()
+    rows = (json.loads(a.rows.read_text()) if a.rows else
+            run(a.models.split(","), a.backends.split(","), GRID, a.work))
+    (a.work / "rows.json").write_text(json.dumps(rows))
+    if a.fit:
+        for be in a.backends.split(","):
+            print(be, fit(rows, be))
+    results, table = report(rows)
+    errs = [abs(e) for r in results for e in r["error_pct"].values()]
+    held = [abs(e) for r in results if not r["calibration"] for e in r["error_pct"].values()]
+    summary = {"max_abs_error_pct": round(max(errs), 1), "max_abs_error_pct_held_out": round(max(held or [0]), 1),
+               "rows": len(results), "seconds": round(time.time() - t, 1),
+               "machine": {"machine": platform.machine(), "python": platform.python_version(),
+                           "processor": platform.processor()}}
+    OUT.mkdir(exist_ok=True)
+    (OUT / "memory_model.json").write_text(json.dumps({"summary": summary, "results": results}, indent=1))
+    md = (f"# Memory model: measured / predicted peak RSS (MiB) per phase, error in %\n\n"
+          f"`python -m benchmarks.memory_model` on {summary['machine']['machine']}, Python "
+          f"{summary['machine']['python']}, 2 threads. Max |error|: {summary['max_abs_error_pct']}% "
+          f"(held-out rows: {summary['max_abs_error_pct_held_out']}%).\n\n{table}\n")
+    (OUT / "memory_model.md").write_text(md)
+    print(md)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,163 @@
+"""Predict a bundle's memory, phase by phase, from its manifest alone (no graph is opened).
+
+The phases run in one process in the order a personalization round runs them: open ->
+train_step (whose first step allocates the optimizer state) -> evaluate -> swap -> infer.
+Each phase's figure is the process's peak resident memory during it, so a later phase
+includes what earlier ones left allocated: onnxruntime's arenas keep their high-water mark.
+
+Terms, all in bytes:
+    open       = interpreter + runtime library + k_w * frozen weights as stored + adapter
+    train_step = open + fixed + dequantized fp32 weights + k_a * activations(batch, seq)
+                 + gradients + optimizer state (2 moments) + the updated adapter
+    evaluate   = train_step + e0 + e1 * batch * seq * activations_per_position(seq)
+                 + k_e * frozen weights (backends that open a session of their own for it)
+    swap       = evaluate + a second adapter and its optimizer state
+    infer      = swap (inference reuses the evaluation session and its arena)
+
+``activations(batch, seq)`` is what autograd keeps for backward, measured on the host at
+export (the manifest's memory card: ``c0 + c1*seq + c2*seq**2`` per example). The per-backend
+constants (runtime library, k_w, k_a, e0, e1) were fitted on this project's host (x86_64,
+Python 3.11, onnxruntime 1.19.2 training / plain) by ``benchmarks/memory_model.py``, which
+also reports the error on every model and configuration it measures. On another
+architecture the library term differs by tens of MiB: measure there with ``edgepeft profile``
+(no ``--predict-only``) before trusting a tight fit."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from edgepeft import names
+from edgepeft.errors import MemoryBudgetError, SpecError
+from edgepeft.manifest import Manifest
+
+MiB = 1 << 20
+PHASES = ("open", "train_step", "evaluate", "swap", "infer")
+
+
+@dataclass(frozen=True)
+class BackendCosts:
+    """Fitted constants of one backend (see the module docstring)."""
+
+    library: int       # onnxruntime import + sessions' fixed cost
+    k_weights: float   # frozen bytes in memory per byte stored
+    train_fixed: int   # the training session's fixed cost at its first step
+    k_dequant: float   # live fp32 bytes per byte DequantizeLinear materializes in a step
+    k_acts: float      # runtime activation bytes per byte autograd keeps
+    e0: int            # evaluate's fixed extra
+    e1: float          # evaluate's extra per example per activation byte per position
+    eval_weights: float  # evaluation-session bytes per frozen byte stored (0: shares the training one)
+
+
+# Python 3.11 + numpy + edgepeft.runtime imported, measured before Session.open.
+INTERPRETER = 33 * MiB
+COSTS: dict[str, BackendCosts] = {
+    # `python -m benchmarks.memory_model --fit` (calibration rows only), 2026-11-28.
+    names.BACKEND_ORT: BackendCosts(library=40_577_674, k_weights=1.415, train_fixed=5_252_083, k_dequant=0.783,
+                                    k_acts=1.93, e0=1_754_638, e1=0.15, eval_weights=0.797),
+    names.BACKEND_PORTABLE: BackendCosts(library=39_370_547, k_weights=1.79, train_fixed=6_673_220,
+                                         k_dequant=0.503, k_acts=1.417, e0=2_343_313, e1=0.179, eval_weights=2.385),
+}
+
+
+@dataclass(frozen=True)
+class Prediction:
+    backend: str
+    batch: int
+    seq: int
+    phases: dict[str, int]
+    parts: dict[str, int] = field(default_factory=dict)
+
+    @property
+    def peak(self) -> int:
+        return max(self.phases.values())
+
+    def session_peak(self) -> int:
+        """What a session adds to the process (the interpreter was there before)."""
+        return self.peak - self.parts["interpreter"]
+
+
+def card(manifest: Manifest) -> dict:
+    c = manifest.memory
+    if not c or "activations_per_example" not in c:
+        raise SpecError(f"bundle {manifest.model_name!r} has no memory card (exported by an older edgepeft): "
+                        "re-export it to predict its memory")
+    return c
+
+
+def activations(manifest: Manifest, batch: int, seq: int) -> float:
+    c0, c1, c2 = card(manifest)["activations_per_example"]
+    return batch * max(0.0, c0 + c1 * seq + c2 * seq * seq)
+
+
+def has_seq(manifest: Manifest) -> bool:
+    return any(isinstance(d, str) and d != "batch" for io in manifest.inputs for d in io.shape)
+
+
+def predict(manifest: Manifest, *, backend: str, batch: int, seq: int | None = None,
+            trainable_params: int | None = None) -> Prediction:
+    """Peak RSS of each phase for ``batch`` examples of ``seq`` positions (default: the
+    bundle's max_length). ``trainable_params`` overrides the manifest's count (to ask
+    "what rank would fit")."""
+    if backend not in COSTS:
+        raise SpecError(f"no memory model for backend {backend!r}; known: {sorted(COSTS)}")
+    if batch < 1:
+        raise SpecError(f"`batch` must be >= 1, got {batch}")
+    seq = manifest.max_length if seq is None or not has_seq(manifest) else seq
+    if seq < 1:
+        raise SpecError(f"`seq` must be >= 1, got {seq}")
+    k = COSTS[backend]
+    c = card(manifest)
+    t = 4 * (trainable_params if trainable_params is not None else manifest.trainable_params)
+    acts = activations(manifest, batch, seq)
+    per_position = batch * (c["activations_per_example"][1] + 2 * c["activations_per_example"][2] * seq)
+    parts = {
+        "interpreter": INTERPRETER,
+        "library": k.library,
+        "weights": int(k.k_weights * c["frozen_bytes"]),
+        "adapter": t,
+        "train_fixed": k.train_fixed,
+        "dequantized": int(k.k_dequant * c["dequant_fp32_bytes"]),
+        "activations": int(k.k_acts * acts),
+        "gradients": t,
+        "optimizer_state": 2 * t,
+        "evaluate_extra": int(k.e0 + k.e1 * per_position * seq + k.eval_weights * c["frozen_bytes"]),
+        "second_adapter": 3 * t,
+    }
+    p = parts
+    opened = p["interpreter"] + p["library"] + p["weights"] + p["adapter"]
+    train = opened + p["train_fixed"] + p["dequantized"] + p["activations"] + p["gradients"] + p["optimizer_state"] + p["adapter"]
+    evaluate = train + p["evaluate_extra"]
+    phases = {"open": opened, "train_step": train, "evaluate": evaluate,
+              "swap": evaluate + p["second_adapter"], "infer": evaluate + p["second_adapter"]}
+    return Prediction(backend, batch, seq, phases, parts)
+
+
+def largest_batch(manifest: Manifest, *, backend: str, seq: int | None, budget: int, upto: int) -> int:
+    """The largest batch size <= ``upto`` whose predicted session peak fits ``budget`` (0: none)."""
+    best = 0
+    for b in range(1, upto + 1):
+        if predict(manifest, backend=backend, batch=b, seq=seq).session_peak() > budget:
+            break
+        best = b
+    return best
+
+
+def check(manifest: Manifest, *, backend: str, batch: int | None, seq: int | None, budget: int, what: str) -> None:
+    """Refuse, before anything is allocated, a configuration predicted over ``budget`` (bytes
+    a session may add to the process); ``batch=None`` checks opening only. Bundles without a
+    memory card, or backends without a model, are not refused here (the session still
+    measures every phase)."""
+    if backend not in COSTS or not manifest.memory:
+        return
+    pred = predict(manifest, backend=backend, batch=batch or 1, seq=seq)
+    need, worst = ((pred.phases["open"], "open") if batch is None
+                   else (pred.peak, max(pred.phases, key=pred.phases.get)))
+    need -= pred.parts["interpreter"]
+    if need > budget:
+        from edgepeft.memory import fmt_bytes
+
+        shape = "" if batch is None else f", batch {batch} x seq {pred.seq}"
+        raise MemoryBudgetError(
+            f"{what} is predicted to need {fmt_bytes(need)} ({worst} phase{shape}), over the memory budget of "
+            f"{fmt_bytes(budget)}: lower the batch size or sequence length (`edgepeft profile` shows the largest "
+            "that fit), pass micro_batch=True to split batches, export with a lower rank or an int8 base, or "
+            "raise the budget")
