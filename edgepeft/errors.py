@@ -40,3 +40,11 @@ class MemoryBudgetError(EdgePeftError):
 
 class ExportError(EdgePeftError):
     """The model cannot be exported as asked."""
+
+
+class SignatureError(BundleError):
+    """A bundle is unsigned, signed by a key that is not trusted, or altered after signing."""
+
+
+class LockError(EdgePeftError):
+    """An adapter is in use by another process (or its lock cannot be taken)."""
