@@ -1,0 +1,109 @@
+"""What the examples share: flags, the host-side export, feeding a user's samples to a
+Personalizer as they arrive, and printing rounds and before/after figures."""
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+from edgepeft.memory import fmt_bytes, rss_bytes
+
+
+@dataclass(frozen=True)
+class Sizes:
+    """An example's knobs, full run or smoke run. Fixed in advance, never tuned on the test slice."""
+
+    n_train: int           # samples the user produces on the device (the Personalizer sees these only)
+    n_test: int            # the user's held-out test slice, reported before/after, never trained on
+    every: int             # Personalizer trigger: a round per this many new samples
+    steps: int             # optimizer steps per round
+    batch: int = 8
+    max_length: int = 64
+    min_holdout: int = 4   # the guardrail's smallest held-out slice (smoke runs have few samples)
+
+
+def parse_args(name: str, doc: str, argv: Sequence[str] | None, *, budget: str = "2GB") -> argparse.Namespace:
+    ap = argparse.ArgumentParser(prog=f"python -m examples.{name}", description=doc.strip().splitlines()[0])
+    ap.add_argument("--smoke", action="store_true", help="a tiny run (few samples and steps) to check it works")
+    ap.add_argument("--out", type=Path, default=Path("out/examples") / name, help="bundle, adapters and logs go here")
+    ap.add_argument("--threads", type=int, default=2, help="ONNX Runtime threads")
+    ap.add_argument("--budget", default=budget, help="the session's memory budget")
+    ap.add_argument("--backend", default="ort-training", choices=("ort-training", "portable"))
+    return ap.parse_args(argv)
+
+
+def fresh_dir(out: Path) -> Path:
+    """The output folder, emptied of a previous run's adapters and logs (the bundle stays)."""
+    out.mkdir(parents=True, exist_ok=True)
+    for sub in ("adapters", "loop"):
+        shutil.rmtree(out / sub, ignore_errors=True)
+    return out
+
+
+def export(out: Path, model: str, methods: list, *, backend: str, **model_kw: Any) -> Path:
+    """Export ``model`` from the zoo with ``methods`` (host side: needs torch). The bundle is
+    remade on every run: exporting takes seconds and keeps the example honest."""
+    from edgepeft.exporters import export_bundle, load_model
+
+    t = time.perf_counter()
+    path = out / f"{model}.edgepeft"
+    res = export_bundle(load_model(model, **model_kw), methods=methods, out=path, backends=(backend,))
+    m = res.manifest
+    say(f"exported {model}: {m.trainable_params:,} trainable of {m.base_params:,} params, "
+        f"{path.stat().st_size / 1e6:.1f} MB, in {time.perf_counter() - t:.1f} s")
+    del res
+    gc.collect()  # the eager model is not needed on the device side
+    return path
+
+
+def feed(p, user: str, samples: Sequence, chunk: int, *, final_round: bool = True) -> list:
+    """Give ``user``'s samples to the Personalizer ``chunk`` at a time, as a device collects
+    them; rounds run when its trigger fires (and once more on demand at the end, for samples
+    that came in after the last trigger)."""
+    rounds = []
+    for i in range(0, len(samples), chunk):
+        r = p.add(user, samples[i:i + chunk])
+        if r is not None:
+            rounds.append(r)
+            show_round(r)
+    if final_round and (not rounds or rounds[-1].last_seq < p.buffer(user).last_seq):
+        rounds.append(p.personalize(user))
+        show_round(rounds[-1])
+    return rounds
+
+
+def show_round(r) -> None:
+    say(f"  {r.user} round {r.round} ({r.trigger}): {r.status}, {r.steps} steps on {r.n_train} samples, "
+        f"{r.n_holdout} held out ({r.extra.get('holdout_slice', '-')}): {r.reason} [{r.seconds:.1f} s]")
+
+
+def say(msg: str) -> None:
+    print(msg, flush=True)
+
+
+def rss() -> int:
+    gc.collect()
+    return rss_bytes()
+
+
+def report(name: str, rows: list[tuple[str, str, str]], result: dict, out: Path, t0: float) -> dict:
+    """Print the before/after table and write it as JSON beside the bundle."""
+    w = max(len(r[0]) for r in rows)
+    say(f"\n== {name}: before / after on the user's held-out test slice ==")
+    for label, before, after in rows:
+        say(f"  {label:<{w}}  {before:>10} -> {after}")
+    result["seconds"] = round(time.perf_counter() - t0, 1)
+    say(f"total {result['seconds']:.0f} s; memory now {fmt_bytes(rss())}")
+    (out / "result.json").write_text(json.dumps(result, indent=2, default=str))
+    return result
+
+
+def timed(fn: Callable[[], Any]) -> tuple[Any, float]:
+    t = time.perf_counter()
+    v = fn()
+    return v, time.perf_counter() - t
