@@ -10,7 +10,9 @@ import venv
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-DEVICE_REQUIREMENTS = ("onnxruntime", "numpy", "safetensors", "tokenizers", "click", "rich")
+# edgepeft's core dependencies plus [portable] (the wheel itself is installed --no-deps).
+DEVICE_REQUIREMENTS = ("onnxruntime", "numpy", "safetensors", "tokenizers", "click", "rich", "cryptography",
+                       "tomli; python_version < '3.11'")
 
 
 def build_wheel(out_dir: Path) -> Path:
