@@ -1,0 +1,250 @@
+"""The ExecuTorch programs of a bundle: a training program (torch's joint forward-backward
+graph: loss as output 0, gradients of the adapter tensors only) and an inference program
+lowered to XNNPACK, both over the int8 frozen base.
+
+How: the injected model is wrapped so that its frozen weights are int8 + per-row scale buffers
+dequantized in forward (the hand-written route: no torchao tensor subclasses, no operator
+workarounds), the loss is the portable graph's masked cross-entropy (``gradient_graph``), and
+``torch.export`` -> ``_export_forward_backward`` -> ``to_edge`` -> ``to_executorch`` builds
+the program. The batch size is fixed at export (ExecuTorch plans memory for it); the runtime
+pads a smaller batch with ignored labels and splits a larger one."""
+from __future__ import annotations
+
+import contextlib
+import copy
+import warnings
+from dataclasses import dataclass
+from typing import Iterator, Sequence
+
+import torch
+import torch.nn as nn
+
+from edgepeft import names
+from edgepeft.errors import ExportError
+from edgepeft.exporters.gradient_graph import _canonical_names, _replace_unexportable, _WithLoss
+from edgepeft.exporters.quantize import QuantizedTensor
+
+_SEP = "__"  # buffer names cannot hold dots
+
+
+@dataclass(frozen=True)
+class Programs:
+    """The two serialized programs and the shapes they were planned for."""
+
+    training: bytes
+    inference: bytes
+    batch_size: int
+
+
+class _Int8Base(nn.Module):
+    """The model with its quantized frozen weights held as int8 + per-row scale buffers and
+    dequantized in forward; ``extra`` tensors (e.g. adapter tensors fed as program inputs)
+    replace the model's own by name."""
+
+    def __init__(self, model: nn.Module, quantized: dict[str, QuantizedTensor], drop: Sequence[str] = ()):
+        super().__init__()
+        canonical = _canonical_names(model)
+        self.aliases: dict[str, list[str]] = {}
+        for name in [*quantized, *drop]:
+            # Tied weights (an LM head sharing the embedding table) have several names: all go.
+            self.aliases[name] = [n for n, c in canonical.items() if c == name]
+            for alias in self.aliases[name]:
+                owner, _, leaf = alias.rpartition(".")
+                mod = model.get_submodule(owner)
+                if leaf in mod._parameters:
+                    del mod._parameters[leaf]
+                else:
+                    del mod._buffers[leaf]
+        self.m = model
+        self.quantized = list(quantized)
+        for name, qt in quantized.items():
+            attr = name.replace(".", _SEP)
+            self.register_buffer(attr + names.Q_SUFFIX, torch.from_numpy(qt.q.copy()))
+            self.register_buffer(attr + names.SCALE_SUFFIX, torch.from_numpy(qt.scale.copy()))
+
+    def forward(self, *inputs: torch.Tensor, extra: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
+        state: dict[str, torch.Tensor] = {}
+        for name in self.quantized:
+            attr = name.replace(".", _SEP)
+            q = getattr(self, attr + names.Q_SUFFIX)
+            scale = getattr(self, attr + names.SCALE_SUFFIX)
+            w = q.to(torch.float32) * scale.reshape(-1, *[1] * (q.dim() - 1))
+            state.update({alias: w for alias in self.aliases[name]})
+        for name, t in (extra or {}).items():
+            state.update({alias: t for alias in self.aliases.get(name, [name])})
+        return torch.func.functional_call(self.m, state, inputs, strict=False, tie_weights=False)
+
+
+class _Inference(nn.Module):
+    """forward(*model inputs, *adapter tensors in manifest order) -> logits."""
+
+    def __init__(self, base: _Int8Base, trainable: Sequence[str], n_inputs: int):
+        super().__init__()
+        self.base = base
+        self.trainable = list(trainable)
+        self.n_inputs = n_inputs
+
+    def forward(self, *args: torch.Tensor) -> torch.Tensor:
+        inputs, adapter = args[:self.n_inputs], args[self.n_inputs:]
+        return self.base(*inputs, extra=dict(zip(self.trainable, adapter)))
+
+
+def _split_addmm(gm: torch.fx.GraphModule, ops=None) -> None:
+    """addmm -> mm + add: ExecuTorch's addmm kernel is a plain loop while mm has a fast one; it
+    dominated training time (a 2-layer encoder trained 5x faster with the rewrite). ``ops``:
+    (addmm, mm, add) of the graph's dialect (ATen by default; edge ops after lowering)."""
+    addmm_op, mm_op, add_op = ops or (torch.ops.aten.addmm.default, torch.ops.aten.mm.default,
+                                      torch.ops.aten.add.Tensor)
+    g = gm.graph
+    for node in list(g.nodes):
+        if node.target == addmm_op and not node.kwargs:
+            bias, a, b = node.args[:3]
+            with g.inserting_before(node):
+                mm = g.call_function(mm_op, (a, b))
+                add = g.call_function(add_op, (mm, bias))
+            mm.meta = dict(node.meta)
+            add.meta = dict(node.meta)
+            node.replace_all_uses_with(add)
+            g.erase_node(node)
+    g.lint()
+    gm.recompile()
+
+
+def _slice_negative_pads(gm: torch.fx.GraphModule) -> None:
+    """The backward of F.pad is a constant_pad_nd with negative pads (a crop); ExecuTorch's
+    kernel refuses negative pads at run time, so crop with slices and pad the rest."""
+    g = gm.graph
+    for node in list(g.nodes):
+        if node.target is not torch.ops.aten.constant_pad_nd.default or min(node.args[1]) >= 0:
+            continue
+        x, pad = node.args[0], list(node.args[1])
+        value = node.args[2] if len(node.args) > 2 else node.kwargs.get("value", 0)
+        shape = list(x.meta["val"].shape)
+        with g.inserting_before(node):
+            cur = x
+            for i in range(len(pad) // 2):
+                dim = len(shape) - 1 - i
+                left, right = pad[2 * i], pad[2 * i + 1]
+                if left < 0 or right < 0:
+                    start, end = max(-left, 0), shape[dim] + min(right, 0)
+                    cur = g.call_function(torch.ops.aten.slice.Tensor, (cur, dim, start, end))
+            rest = [max(p, 0) for p in pad]
+            if any(rest):
+                cur = g.call_function(torch.ops.aten.constant_pad_nd.default, (cur, rest, value))
+        cur.meta = dict(node.meta)
+        node.replace_all_uses_with(cur)
+        g.erase_node(node)
+    g.lint()
+    gm.recompile()
+
+
+def _batch_of(t: torch.Tensor, batch: int) -> torch.Tensor:
+    """``t`` with exactly ``batch`` rows (repeating or cutting its rows)."""
+    reps = -(-batch // t.shape[0])
+    return t.repeat(reps, *[1] * (t.dim() - 1))[:batch].contiguous()
+
+
+def build(model: nn.Module, example_inputs: dict[str, torch.Tensor], labels: torch.Tensor,
+          dynamic_axes: dict[str, dict[int, str]], trainable: list[str], causal: bool,
+          quantized: dict[str, QuantizedTensor], max_length: int, batch_size: int, *, what: str) -> Programs:
+    """Both programs for ``model`` (the injected eager model; left untouched), each run once
+    on the ExecuTorch runtime against eager PyTorch before it goes into a bundle. ``what``
+    names the model and methods in errors."""
+    import torch.export.experimental  # noqa: F401  (registers _export_forward_backward)
+    from executorch.exir import to_edge, to_edge_transform_and_lower
+    from executorch.backends.xnnpack.partition.xnnpack_partitioner import XnnpackPartitioner
+
+    seq = torch.export.Dim("seq", min=1, max=max_length)
+    inputs = tuple(_batch_of(v, batch_size) for v in example_inputs.values())
+    y = _batch_of(labels, batch_size)
+    # The batch is fixed; sequences keep their symbolic length where the model declares one.
+    in_shapes = tuple({a: seq for a, n in dynamic_axes.get(k, {}).items() if n == "seq"} or None
+                      for k in example_inputs)
+    label_shape = {1: seq} if causal and any(in_shapes) else None
+
+    loss_model = _WithLoss(_Int8Base(copy.deepcopy(model), quantized), causal)
+    # Only the adapter tensors get gradients (and become the program's parameters).
+    params = dict(loss_model.named_parameters())
+    for p in params.values():
+        p.requires_grad_(False)
+    for name in trainable:
+        params[names.EXECUTORCH_PARAM_PREFIX + name].requires_grad_(True)
+    with _stage(what, "training program"):
+        ep = _export(loss_model, (*inputs, y), (*in_shapes, label_shape))
+        joint = torch.export.experimental._export_forward_backward(ep, joint_loss_index=0)
+        _replace_unexportable(joint.graph_module)  # empty_permuted is not core ATen
+        _slice_negative_pads(joint.graph_module)
+        _split_addmm(joint.graph_module)
+        training = to_edge(joint).to_executorch().buffer
+
+    inf = _Inference(_Int8Base(copy.deepcopy(model), quantized, drop=trainable), trainable, len(inputs)).eval()
+    adapter = tuple(params[names.EXECUTORCH_PARAM_PREFIX + n].detach().clone() for n in trainable)
+    with _stage(what, "inference program"):
+        ep = _export(inf, (*inputs, *adapter), (*in_shapes, *[None] * len(adapter)))
+        lowered = to_edge_transform_and_lower(ep, partitioner=[XnnpackPartitioner()])
+        # XNNPACK takes linears whose weights are constants; those fed adapter tensors or
+        # dequantized int8 weights stay on ExecuTorch's kernels as addmm, a plain loop (MiniLM,
+        # 8 x 128 tokens: 47 s per batch): split those after lowering. (Splitting before
+        # lowering hands XNNPACK mm's with run-time weights, whose programs crashed.)
+        from executorch.exir.dialects._ops import ops as exir_ops
+
+        edge = exir_ops.edge.aten
+        _split_addmm(lowered.exported_program().graph_module, (edge.addmm.default, edge.mm.default, edge.add.Tensor))
+        inference = lowered.to_executorch().buffer
+
+    _check(training, inference, loss_model, inf, inputs, y, trainable, adapter, what)
+    return Programs(training, inference, batch_size)
+
+
+def _export(module: nn.Module, args: tuple, shapes: tuple):
+    """torch.export with guards; where sympy cannot discharge one (a prompt's min(a+bs, c+ds) on
+    a decoder), with the guard deferred to a run-time assert instead, as in the portable graph.
+    Not always: the XNNPACK lowering refuses the symbolic comparison such an assert holds."""
+    try:
+        return torch.export.export(module, args, strict=False, dynamic_shapes={"args": shapes})
+    except torch._dynamo.exc.UserError:
+        return torch.export.export(module, args, strict=False, dynamic_shapes={"args": shapes},
+                                   prefer_deferred_runtime_asserts_over_guards=True)
+
+
+@contextlib.contextmanager
+def _stage(what: str, program: str) -> Iterator[None]:
+    """Turns any failure inside into an ExportError naming the model, methods and program."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # export and exir warn at length about experimental APIs
+        try:
+            yield
+        except ExportError:
+            raise
+        except Exception as e:  # torch.export / exir / the runtime raise many kinds
+            first = str(e).strip().splitlines()[0][:300] if str(e).strip() else ""
+            raise ExportError(f"ExecuTorch cannot build the {program} for {what}: {type(e).__name__}: {first}; "
+                              "export this model for 'ort-training' or 'portable' instead") from e
+
+
+def _check(training: bytes, inference: bytes, loss_model: nn.Module, inf: nn.Module, inputs: tuple,
+           y: torch.Tensor, trainable: list[str], adapter: tuple, what: str) -> None:
+    """Run both programs once on the example batch: an op ExecuTorch's kernels refuse only
+    shows at run time, and a wrong result must not reach a device."""
+    from executorch.extension.pybindings.portable_lib import _load_for_executorch_from_buffer
+    from executorch.extension.training import _load_for_executorch_for_training_from_buffer
+
+    loss_model.zero_grad()
+    expected = loss_model(*inputs, y)
+    expected.backward()
+    params = dict(loss_model.named_parameters())
+    with torch.no_grad():
+        logits = inf(*inputs, *adapter)
+    with _stage(what, "training program (running it)"):
+        program = _load_for_executorch_for_training_from_buffer(training)
+        loss = program.forward_backward("forward", (*inputs, y))[0]
+        grads = program.named_gradients()
+    with _stage(what, "inference program (running it)"):
+        got = _load_for_executorch_from_buffer(inference).forward((*inputs, *adapter))[0]
+    worst = max((grads[names.EXECUTORCH_PARAM_PREFIX + n] - params[names.EXECUTORCH_PARAM_PREFIX + n].grad)
+                .abs().max().item() for n in trainable)
+    tol = 1e-4 * (1 + abs(expected.item()))
+    if abs(loss.item() - expected.item()) > tol or worst > 1e-3 or (got - logits).abs().max().item() > 1e-3:
+        raise ExportError(f"ExecuTorch's programs for {what} do not reproduce eager PyTorch (loss {loss.item():.6g} vs "
+                          f"{expected.item():.6g}, worst gradient error {worst:.3g}, logits error "
+                          f"{(got - logits).abs().max().item():.3g}); export for 'ort-training' or 'portable'")
