@@ -56,14 +56,19 @@ def _names(value: str | None) -> tuple[str, ...]:
               help="A PEFT method (repeat for hybrids), e.g. 'prompt:n_tokens=8', 'bitfit', "
                    "'adapter:kind=pfeiffer,size=32', 'lora:rank=4,targets=query|value'. "
                    "When given, replaces the LoRA options above.")
-@click.option("--backend", "backends", multiple=True, type=click.Choice(["ort-training", "portable"]),
+@click.option("--backend", "backends", multiple=True, type=click.Choice(["ort-training", "portable", "executorch"]),
               help="Training graphs to write (repeatable). Default: both (portable left out with a "
                    "warning where the model cannot be turned into one).")
 @click.option("--init-adapter", type=click.Path(exists=True, file_okay=False, path_type=Path),
               help="A PEFT LoRA adapter folder (e.g. trained with HF PEFT) to start from.")
+@click.option("--executorch-batch-size", default=8, show_default=True, type=click.IntRange(min=1),
+              help="Batch the ExecuTorch training program is built for (with --backend executorch; the "
+                   "runtime pads smaller batches and splits larger ones).")
+@click.option("--sign", "sign_key", type=click.Path(exists=True, dir_okay=False, path_type=Path),
+              help="Sign the bundle's manifest with this private key (from `edgepeft keygen`).")
 def export(model_ref: str, out: Path, rank: int, alpha: float, targets: str, modules_to_save: str,
            labels: str | None, quant: str, method_texts: tuple[str, ...], backends: tuple[str, ...],
-           init_adapter: Path | None) -> None:
+           init_adapter: Path | None, executorch_batch_size: int, sign_key: Path | None) -> None:
     """Export a model with LoRA into a bundle (host side; needs torch)."""
     try:
         from edgepeft.exporters import export_bundle, load_model
@@ -71,6 +76,10 @@ def export(model_ref: str, out: Path, rank: int, alpha: float, targets: str, mod
         raise click.ClickException(f"export needs the host side ({e.name} missing): pip install 'edgepeft[export]'")
     from edgepeft.specs import LoraSpec, parse_method
 
+    if sign_key is not None:
+        from edgepeft.signing import load_private_key
+
+        load_private_key(sign_key)  # a bad key fails now, not after a long export
     if method_texts:
         methods = [parse_method(t) for t in method_texts]
     else:
@@ -78,7 +87,7 @@ def export(model_ref: str, out: Path, rank: int, alpha: float, targets: str, mod
     kwargs = {"labels": _names(labels)} if labels else {}
     src = load_model(model_ref, **kwargs)
     res = export_bundle(src, methods=methods, quant=quant, out=out, init_adapter=init_adapter,
-                        backends=backends or None)
+                        backends=backends or None, sign_key=sign_key, executorch_batch_size=executorch_batch_size)
     m = res.manifest
     click.echo(f"wrote {out} ({out.stat().st_size / 1e6:.1f} MB): {m.model_name}, "
                f"{m.trainable_params:,} trainable of {m.base_params:,} params "
@@ -106,6 +115,7 @@ def inspect(bundle: Path, as_json: bool) -> None:
     c.print(f"base params {m.base_params:,}; trainable {m.trainable_params:,} "
             f"({100 * m.trainable_params / m.base_params:.3f}%); frozen base {m.quantization.get('scheme')}")
     c.print(f"inputs {[(i.name, i.dtype, list(i.shape)) for i in m.inputs]}; backends {sorted(m.backends)}")
+    c.print(_backends_table(m))
     by_method: dict[str, int] = {}
     for t in m.trainable:
         by_method[t.method] = by_method.get(t.method, 0) + t.numel
@@ -119,6 +129,30 @@ def inspect(bundle: Path, as_json: bool) -> None:
     for name, digest in m.members.items():
         mem.add_row(name, digest[:16])
     c.print(mem)
+
+
+# What each runtime backend does with a bundle that carries it.
+_BACKEND_CAPS = {
+    "ort-training": ("train, evaluate, infer, swap", "any", "onnxruntime-training-cpu 1.19.2 (x86_64)"),
+    "portable": ("train, evaluate, infer, swap", "any", "any onnxruntime >= 1.17; no torch"),
+    "executorch": ("train, evaluate, infer (XNNPACK), swap", "fixed", "executorch 1.5.1 (its Python runtime imports torch)"),
+}
+
+
+def _backends_table(m):
+    """One row per training backend: present in the bundle, what it does, its batch, and
+    whether it can run here."""
+    from rich.table import Table
+
+    from edgepeft.runtime.backends import available
+
+    tab = Table("backend", "in bundle", "can", "batch", "needs", "runs here")
+    for name, (can, batch, needs) in _BACKEND_CAPS.items():
+        entry = m.backends.get(name)
+        if batch == "fixed":
+            batch = f"batch {entry.get('batch_size')} (pads/splits)" if entry else "fixed at export"
+        tab.add_row(name, "yes" if entry is not None else "no", can, batch, needs, "yes" if available(name) else "no")
+    return tab
 
 
 def _spec_text(spec) -> str:
@@ -141,12 +175,19 @@ def _spec_text(spec) -> str:
 @click.option("--store", type=click.Path(file_okay=False, path_type=Path),
               help="Adapter folder (default: BUNDLE's name with .adapters).")
 @click.option("--budget", default=None, help="Memory budget, e.g. 512MB.", envvar="EDGEPEFT_MEMORY_BUDGET")
+@click.option("--micro-batch", is_flag=True,
+              help="Split batches predicted over --budget into micro-batches that fit (same step).")
 @click.option("--threads", default=None, type=click.IntRange(min=1), help="Compute threads.")
 @click.option("--seed", default=0, show_default=True, help="Shuffling seed.")
-@click.option("--backend", default="auto", show_default=True, type=click.Choice(["auto", "ort-training", "portable"]),
-              help="auto: ort-training where its package is installed, else portable.")
+@click.option("--backend", default="auto", show_default=True,
+              type=click.Choice(["auto", "ort-training", "portable", "executorch"]),
+              help="auto: ort-training where its package is installed, else portable, else executorch.")
+@click.option("--trust", "trust", multiple=True, type=click.Path(exists=True, dir_okay=False, path_type=Path),
+              envvar="EDGEPEFT_TRUSTED_KEYS",
+              help="Only open BUNDLE if one of these public keys (.pub from `edgepeft keygen`) signed it. Repeatable.")
 def train(bundle: Path, data: Path, adapter: str, steps: int, batch_size: int, lr: float, eval_data: Path | None,
-          store: Path | None, budget: str | None, threads: int | None, seed: int, backend: str) -> None:
+          store: Path | None, budget: str | None, micro_batch: bool, threads: int | None, seed: int, backend: str,
+          trust: tuple[Path, ...]) -> None:
     """Train an adapter on a JSONL file, then save it (device side)."""
     from edgepeft.data import read_jsonl
     from edgepeft.memory import fmt_bytes
@@ -159,7 +200,8 @@ def train(bundle: Path, data: Path, adapter: str, steps: int, batch_size: int, l
     examples = read_jsonl(data, label_field=label_field)
     held_out = read_jsonl(eval_data, label_field=label_field) if eval_data else None
     s = Session.open(bundle, memory_budget=budget, adapter=adapter, store=store, threads=threads,
-                     optimizer=OptimizerSpec(lr=lr), backend=backend)
+                     optimizer=OptimizerSpec(lr=lr), backend=backend, trusted_keys=list(trust) or None,
+                     batch_size=None if micro_batch else batch_size, micro_batch=micro_batch)
     enc = s.encoder
     if label_field:
         enc.label_array([e.label for e in examples])  # refuse unknown labels before training
@@ -188,6 +230,19 @@ def _progress(console):
 
     return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                     console=console, transient=False, disable=not sys.stdout.isatty())
+
+
+@main.command()
+@click.option("--out", required=True, type=click.Path(dir_okay=False, path_type=Path),
+              help="Private key file to write; the public key goes to OUT.pub.")
+@click.option("--force", is_flag=True, help="Overwrite existing key files.")
+def keygen(out: Path, force: bool) -> None:
+    """Make an ed25519 key pair to sign bundles (export --sign OUT; devices trust OUT.pub)."""
+    from edgepeft.signing import generate_key, key_id, load_public_key
+
+    priv, pub = generate_key(out, overwrite=force)
+    click.echo(f"wrote {priv} (private: keep it secret) and {pub} (public: give it to devices); "
+               f"key id {key_id(load_public_key(pub))}")
 
 
 @main.group(cls=_Group)
@@ -229,8 +284,10 @@ def adapters_list(bundle: Path, store: Path | None, as_json: bool) -> None:
 @click.option("--out", default="out/demo", show_default=True, type=click.Path(file_okay=False, path_type=Path))
 @click.option("--steps", default=30, show_default=True, type=click.IntRange(min=1), help="Training steps per user.")
 @click.option("--budget", default="1GB", show_default=True, help="Memory budget of the device session.")
-@click.option("--backend", default="ort-training", show_default=True, type=click.Choice(["ort-training", "portable"]),
-              help="Runtime backend (portable: plain onnxruntime; its export takes ~1 min longer).")
+@click.option("--backend", default="ort-training", show_default=True,
+              type=click.Choice(["ort-training", "portable", "executorch"]),
+              help="Runtime backend (portable: plain onnxruntime; executorch: ExecuTorch, batch fixed at "
+                   "export; both exports take a minute or two longer).")
 def demo(out: Path, steps: int, budget: str, backend: str) -> None:
     """Export MiniLM + LoRA (int8 base), personalize two users on BBC News, hot-swap."""
     from edgepeft.demo import run_demo
@@ -240,3 +297,10 @@ def demo(out: Path, steps: int, budget: str, backend: str) -> None:
 
 if __name__ == "__main__":
     main()
+
+
+# Memory per device lives in its own module; registered here so `edgepeft --help` lists it.
+from edgepeft.cli_profile import devices as _devices, profile as _profile  # noqa: E402
+
+main.add_command(_devices)
+main.add_command(_profile)

@@ -44,7 +44,8 @@ def run_demo(out: Path, *, steps: int = 30, budget: str = "1GB", n_test: int = 6
     with console.status(f"exporting MiniLM-L6 + LoRA r8 (query, value) + head, int8 base, for {backend} ..."):
         res = export_bundle(load_model("minilm"), out=bundle, quant="int8", backends=(backend,),
                             methods=[LoraSpec(rank=8, alpha=16, targets=("query", "value"),
-                                              modules_to_save=("classifier",))])
+                                              modules_to_save=("classifier",))],
+                            executorch_batch_size=BATCH)  # used by the executorch backend only
     m = res.manifest
     console.print(f"bundle {bundle} ({bundle.stat().st_size / 1e6:.1f} MB) in {time.perf_counter() - t:.1f} s: "
                   f"{m.trainable_params:,} trainable of {m.base_params:,} params "

@@ -56,6 +56,8 @@ class Manifest:
     base_params: int
     backends: dict[str, dict[str, str]]
     members: dict[str, str] = dataclasses.field(default_factory=dict)
+    # The memory card the exporter measured (see edgepeft.memory_model); {} in older bundles.
+    memory: dict[str, Any] = dataclasses.field(default_factory=dict)
 
     # -- derived -----------------------------------------------------------------------------
     @property
@@ -135,6 +137,7 @@ class Manifest:
                 base_params=int(data["base_params"]),
                 backends={str(k): dict(v) for k, v in dict(data["backends"]).items()},
                 members={str(k): str(v) for k, v in dict(data.get("members", {})).items()},
+                memory=dict(data.get("memory", {})),
             )
         except ManifestError:
             raise

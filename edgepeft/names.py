@@ -18,10 +18,22 @@ ORT_CHECKPOINT = f"{ORT_DIR}/checkpoint"
 # The portable gradient graph (standard ONNX ops: runs on any onnxruntime), under portable/.
 PORTABLE_GRADIENT_MODEL = "portable/gradient.onnx"
 
+# ExecuTorch programs, under executorch/: training (joint forward-backward, fixed batch size)
+# and inference (lowered to XNNPACK). The batch size is recorded in the backend's manifest entry.
+EXECUTORCH_TRAINING_PROGRAM = "executorch/training.pte"
+EXECUTORCH_INFERENCE_PROGRAM = "executorch/inference.pte"
+EXECUTORCH_BATCH_SIZE = "batch_size"
+# The training program names a trainable tensor by this prefix + its manifest name (the
+# exporter's loss wrapper and int8-base wrapper each add one "m." level).
+EXECUTORCH_PARAM_PREFIX = "m.m."
+
 # Backends a bundle can carry (manifest "backends" keys).
 BACKEND_ORT = "ort-training"
 BACKEND_PORTABLE = "portable"
-EXPORT_BACKENDS = (BACKEND_ORT, BACKEND_PORTABLE)
+BACKEND_EXECUTORCH = "executorch"
+# What export_bundle writes when not told: ExecuTorch only when asked (its export is slow).
+DEFAULT_EXPORT_BACKENDS = (BACKEND_ORT, BACKEND_PORTABLE)
+EXPORT_BACKENDS = (BACKEND_ORT, BACKEND_PORTABLE, BACKEND_EXECUTORCH)
 
 # Graph I/O.
 LABELS_INPUT = "labels"

@@ -18,8 +18,9 @@ from edgepeft import names
 from edgepeft.adapters import AdapterStore
 from edgepeft.bundle import write_bundle
 from edgepeft.errors import ExportError, SpecError
-from edgepeft.exporters import gradient_graph, onnx_graph, ort_artifacts
+from edgepeft.exporters import executorch_export, gradient_graph, onnx_graph, ort_artifacts
 from edgepeft.exporters.peft import InjectContext, Trainable, inject
+from edgepeft.exporters.memory_card import memory_card
 from edgepeft.exporters.peft_import import load_peft_adapter
 from edgepeft.exporters.quantize import quantize_frozen
 from edgepeft.exporters.zoo import ModelSource, state_sha256
@@ -57,6 +58,8 @@ def export_bundle(
     name: str | None = None,
     init_adapter: str | Path | None = None,
     backends: Sequence[str] | None = None,
+    sign_key: str | Path | None = None,
+    executorch_batch_size: int = 8,
 ) -> ExportResult:
     """Export ``model`` with ``methods`` injected into the bundle file ``out``.
 
@@ -66,7 +69,12 @@ def export_bundle(
     values become the bundle's initial adapter. ``backends``: which training graphs to
     write: "ort-training" (ONNX Runtime's training artifacts) and/or "portable" (a standard
     ONNX gradient graph for any onnxruntime). The default, None, writes both, leaving out
-    (with a warning) a portable graph the model cannot be turned into."""
+    (with a warning) a portable graph the model cannot be turned into. ``sign_key``: a private
+    key from ``edgepeft keygen``; the bundle then carries an ed25519 signature over its
+    manifest, which devices check with ``Session.open(..., trusted_keys=...)``.
+    "executorch" in ``backends`` (never by default: its export is slow) adds ExecuTorch
+    training + XNNPACK inference programs built for ``executorch_batch_size`` rows (the
+    runtime pads smaller batches and splits larger ones)."""
     if isinstance(model, ModelSource):
         src = model
     else:
@@ -83,12 +91,16 @@ def export_bundle(
     if loss != LOSSES[src.task]:
         raise SpecError(f"`loss` {loss!r} does not fit the model's task {src.task!r} (use {LOSSES[src.task]!r})")
     best_effort = backends is None
-    backends = names.EXPORT_BACKENDS if backends is None else tuple(backends)
+    backends = names.DEFAULT_EXPORT_BACKENDS if backends is None else tuple(backends)
     unknown = sorted(set(backends) - set(names.EXPORT_BACKENDS))
     if unknown or not backends:
         raise SpecError(f"`backends` must be some of {list(names.EXPORT_BACKENDS)}, got {list(backends)}")
     if quant not in ("int8", "none"):
         raise SpecError(f"`quant` must be 'int8' or 'none', got {quant!r}")
+    if names.BACKEND_EXECUTORCH in backends:
+        if isinstance(executorch_batch_size, bool) or not isinstance(executorch_batch_size, int) \
+                or executorch_batch_size < 1:
+            raise SpecError(f"`executorch_batch_size` must be a positive int, got {executorch_batch_size!r}")
     out = Path(out)
 
     source_hash = state_sha256(src.model)
@@ -112,6 +124,8 @@ def export_bundle(
         onnx_graph.apply_int8(forward, quantized)
         onnx_graph.add_layernorm_stats(forward)
         onnx.checker.check_model(forward)
+        card = memory_card(ref, forward, trainable_names, src.example_inputs, src.dynamic_axes, src.max_length,
+                           src.task == "causal-lm")
         frozen = sorted({i.name for i in forward.graph.initializer} - set(trainable_names))
 
         files: dict[str, Path] = {}
@@ -138,6 +152,20 @@ def export_bundle(
                 onnx.save(grad, grad_path)
                 files[names.PORTABLE_GRADIENT_MODEL] = grad_path
                 bundle_backends[names.BACKEND_PORTABLE] = {"gradient_model": names.PORTABLE_GRADIENT_MODEL}
+        if names.BACKEND_EXECUTORCH in backends:
+            programs = executorch_export.build(ref, src.example_inputs, _example_labels(src), src.dynamic_axes,
+                                               trainable_names, src.task == "causal-lm", quantized, src.max_length,
+                                               executorch_batch_size,
+                                               what=f"{src.name} with {'+'.join(m.method for m in methods)}")
+            roles = {"training_program": names.EXECUTORCH_TRAINING_PROGRAM,
+                     "inference_program": names.EXECUTORCH_INFERENCE_PROGRAM}
+            for member, data in ((roles["training_program"], programs.training),
+                                 (roles["inference_program"], programs.inference)):
+                (tmp / member).parent.mkdir(parents=True, exist_ok=True)
+                (tmp / member).write_bytes(data)
+                files[member] = tmp / member
+            bundle_backends[names.BACKEND_EXECUTORCH] = {
+                **roles, names.EXECUTORCH_BATCH_SIZE: str(programs.batch_size)}
         if src.tokenizer_json is not None:
             (tmp / names.TOKENIZER).write_text(src.tokenizer_json)
             files[names.TOKENIZER] = tmp / names.TOKENIZER
@@ -167,13 +195,14 @@ def export_bundle(
             },
             base_params=base_params,
             backends=bundle_backends,
+            memory=card,
         )
         store = AdapterStore(tmp / "adapters", manifest)
         folder = store.save("initial", {t.name: t.param.detach().numpy() for t in trainables},
                             meta={"steps": 0})
         for f in folder.iterdir():
             files[f"{names.INITIAL_ADAPTER_DIR}/{f.name}"] = f
-        manifest = write_bundle(out, manifest, files)
+        manifest = write_bundle(out, manifest, files, sign_key=sign_key)
     return ExportResult(out, manifest, ref, trainables)
 
 

@@ -3,5 +3,7 @@ infer, save and hot-swap adapters inside a memory budget. Imported as ``edgepeft
 from edgepeft.data import Batch, Example, read_jsonl
 from edgepeft.optim import OptimizerSpec
 from edgepeft.runtime.session import EvalResult, NumericalError, Session
+from edgepeft.runtime.personalizer import Personalizer, PersonalizerConfig, RoundResult
 
-__all__ = ["Batch", "EvalResult", "Example", "NumericalError", "OptimizerSpec", "Session", "read_jsonl"]
+__all__ = ["Batch", "EvalResult", "Example", "NumericalError", "OptimizerSpec", "Personalizer", "PersonalizerConfig",
+           "RoundResult", "Session", "read_jsonl"]

@@ -12,11 +12,11 @@ from typing import Iterable, Mapping, Sequence
 
 import numpy as np
 
-from edgepeft import names
+from edgepeft import memory_model, names
 from edgepeft.adapters import AdapterStore, check_adapter_name
 from edgepeft.bundle import OpenedBundle, open_bundle
 from edgepeft.data import Batch, Example, TextEncoder
-from edgepeft.errors import AdapterError, DataError, EdgePeftError
+from edgepeft.errors import AdapterError, DataError, EdgePeftError, MemoryBudgetError
 from edgepeft.manifest import Manifest
 from edgepeft.memory import parse_size
 from edgepeft.optim import Optimizer, OptimizerSpec
@@ -74,24 +74,49 @@ class Session:
     @classmethod
     def open(cls, path: str | Path, *, memory_budget: int | str | None = None, adapter: str = "default",
              store: str | Path | None = None, backend: str = "auto", threads: int | None = None,
-             optimizer: OptimizerSpec | None = None, cache_dir: str | Path | None = None) -> "Session":
+             optimizer: OptimizerSpec | None = None, cache_dir: str | Path | None = None,
+             trusted_keys: Iterable | None = None, batch_size: int | None = None,
+             micro_batch: bool = False) -> "Session":
         """Open a bundle for training and inference with ``adapter`` active: the stored adapter of
         that name if there is one, else a new adapter starting from the bundle's initial one.
 
         ``memory_budget`` (bytes or '512MB') caps what this session adds to the process's
         resident memory: checked against the bundle's static size before loading, and
-        measured after every phase (MemoryBudgetError when over)."""
+        measured after every phase (MemoryBudgetError when over). With a budget, the memory
+        model (edgepeft.memory_model) refuses before loading a bundle predicted over it (at
+        ``batch_size`` when given, else for opening), and refuses each training batch
+        predicted over it before running it; ``micro_batch=True`` instead splits such a batch
+        into the largest micro-batches that fit and accumulates their gradients (the step
+        equals the full batch's). If measured memory still crosses the budget after a step,
+        the adapter is saved and MemoryBudgetError raised.
+
+        ``trusted_keys`` (publisher public keys: .pub files from `edgepeft keygen`, PEM bytes or
+        key objects): only a bundle signed by one of them opens (SignatureError otherwise).
+        The session locks each adapter it loads against other processes until ``close``
+        (LockError if another process holds it)."""
         check_adapter_name(adapter)
         budget = MemoryBudget(parse_size(memory_budget))
         budget.start()
-        bundle = open_bundle(Path(path), Path(cache_dir) if cache_dir else None)
+        bundle = open_bundle(Path(path), Path(cache_dir) if cache_dir else None, trusted_keys=trusted_keys)
         budget.begin()
-        be = make_backend(backend, bundle, threads=threads, precheck=lambda name: budget.precheck(
-            static_bytes(bundle, name), f"bundle {Path(path).name!r} on {name}"))
+        def precheck(name: str) -> None:
+            what = f"bundle {Path(path).name!r} on {name}"
+            budget.precheck(static_bytes(bundle, name), what)
+            if budget.limit is not None:
+                memory_model.check(bundle.manifest, backend=name, batch=batch_size, seq=None, budget=budget.limit,
+                                   what=what)
+
+        be = make_backend(backend, bundle, threads=threads, precheck=precheck)
         store_dir = Path(store) if store else default_store(Path(path))
         s = cls(bundle, be, AdapterStore(store_dir, bundle.manifest), budget, optimizer or OptimizerSpec())
-        s._cur = s._load(adapter, create=True)
+        try:
+            s.store.hold(adapter)  # a second process training it fails now, not at save time
+            s._cur = s._load(adapter, create=True)
+        except BaseException:
+            s.close()
+            raise
         s._name = adapter
+        s.micro_batch = micro_batch
         be.load_parameters(s._cur.tensors)
         budget.end("open")
         return s
@@ -134,10 +159,30 @@ class Session:
         check_adapter_name(name)
         if name == self._name:
             return
+        self.store.hold(name)  # no other process trains it while it is in this session
         nxt = self._others.pop(name, None) or self._load(name, create=create)
         self.backend.load_parameters(nxt.tensors)
         self._others[self._name] = self._cur
         self._name, self._cur = name, nxt
+
+    def revert_adapter(self) -> None:
+        """Discard the active adapter's changes since it was last saved: its tensors,
+        optimizer state and step count come back from the store (a guardrail's rollback)."""
+        if not self.store.exists(self._name):
+            raise AdapterError(f"adapter {self._name!r} was never saved, so there is nothing to revert to: "
+                               "save_adapter() it first")
+        self._cur = self._load(self._name, create=False)
+        self.backend.load_parameters(self._cur.tensors)
+
+    def unload_adapter(self, name: str) -> None:
+        """Drop the in-memory copy of the inactive adapter ``name`` (unsaved changes are lost)
+        and release its lock; the next swap to it loads the stored version. Keeps a session
+        serving many users flat in memory."""
+        check_adapter_name(name)
+        if name == self._name:
+            raise AdapterError(f"adapter {name!r} is active: swap to another before unloading it")
+        self._others.pop(name, None)
+        self.store.release(name)
 
     def save_adapter(self, name: str | None = None) -> Path:
         """Write the active adapter and its optimizer state to the store, atomically, as
@@ -178,8 +223,9 @@ class Session:
         whose loss, gradients or updated tensors are not finite changes nothing and raises
         NumericalError."""
         b = self._as_batch(batch, need_labels=True)
+        chunks = self._fit_budget(b)
         self.budget.begin()
-        loss, grads = self.backend.forward_backward(b)
+        loss, grads = self._forward_backward(chunks)
         cur = self._cur
         bad = not math.isfinite(loss) or not all(np.all(np.isfinite(g)) for g in grads.values())
         if not bad:
@@ -194,8 +240,47 @@ class Session:
         self.backend.load_parameters(new)
         cur.tensors = new
         cur.steps += 1
-        self.budget.end("train_step")
+        try:
+            self.budget.end("train_step")
+        except MemoryBudgetError as e:  # the watchdog: keep the work, stop cleanly
+            saved = self.save_adapter()
+            raise MemoryBudgetError(f"{e}. Training stopped; adapter {self._name!r} was saved to {saved}") from None
         return loss
+
+    def _fit_budget(self, b: Batch) -> list[Batch]:
+        """``b`` as micro-batches predicted to fit the budget (just ``[b]`` without a budget)."""
+        limit = self.budget.limit
+        if limit is None or not self.manifest.memory:
+            return [b]
+        seq = next((b.feeds[io.name].shape[1] for io in self.manifest.inputs
+                    if len(io.shape) > 1 and isinstance(io.shape[1], str)), None)
+        kw = dict(backend=self.backend.name, seq=seq, budget=limit)
+        if not self.micro_batch:
+            memory_model.check(self.manifest, batch=len(b), what=f"a training batch of {len(b)}", **kw)
+            return [b]
+        m = memory_model.largest_batch(self.manifest, upto=len(b), **kw)
+        if m == 0:
+            memory_model.check(self.manifest, batch=1, what="a training batch of 1", **kw)
+        return [Batch({k: v[i:i + m] for k, v in b.feeds.items()}, b.labels[i:i + m]) for i in range(0, len(b), m)]
+
+    def _forward_backward(self, chunks: list[Batch]) -> tuple[float, dict[str, np.ndarray]]:
+        """Loss and gradients of the whole batch: micro-batches weighted by their labelled
+        positions (the backends' losses are means over those)."""
+        if len(chunks) == 1:
+            return self.backend.forward_backward(chunks[0])
+        total, loss, grads = 0, 0.0, {}
+        for c in chunks:
+            n = int((c.labels != names.IGNORE_INDEX).sum())
+            if n == 0:
+                continue
+            l_c, g_c = self.backend.forward_backward(c)
+            loss += n * l_c
+            for k, g in g_c.items():
+                grads[k] = grads[k] + n * g if k in grads else n * g
+            total += n
+        if total == 0:
+            raise DataError("the batch has no labelled positions")
+        return loss / total, {k: g / total for k, g in grads.items()}
 
     def evaluate(self, batches: Iterable[Batch | Sequence[Example]]) -> EvalResult:
         """Mean loss and top-1 accuracy over ``batches``, weighted by labelled positions."""
@@ -227,6 +312,7 @@ class Session:
 
     def close(self) -> None:
         self.backend.close()
+        self.store.release_all()
 
     def __enter__(self) -> "Session":
         return self

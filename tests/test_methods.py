@@ -119,11 +119,18 @@ PORTABLE = ({("encoder", k) for k in ("lora", "prompt-random", "prefix", "bitfit
             | {("decoder", "lora"), ("mlp", "lora")})
 # Known gap: the CNN's TF-style asymmetric padding (F.pad) breaks torch.export's re-trace of the
 # joint graph with a symbolic batch, so CNN bundles have no portable graph yet.
-BACKENDS = ("ort-training", "portable")
+# The ExecuTorch column: the same families, and LoRA on the CNN too (its F.pad backward is
+# rewritten for ExecuTorch's kernels). ExecuTorch's export costs ~40 s per case: slow, exported
+# apart from the other backends' bundles so that the fast cases never pay for it.
+EXECUTORCH = PORTABLE | {("cnn", "lora")}
+BACKENDS = ("ort-training", "portable", "executorch")
+COLUMNS = {"portable": PORTABLE, "executorch": EXECUTORCH}
 
-CASES = [pytest.param(m, k, b, id=f"{m}-{k}-{b}", marks=[pytest.mark.slow] if b == "portable" else [])
+# The ExecuTorch column's cases live in test_methods_executorch.py (a file of their own, so that
+# `make test` runs them on the other core).
+CASES = [pytest.param(m, k, b, id=f"{m}-{k}-{b}", marks=[pytest.mark.slow] if b != "ort-training" else [])
          for m in MODELS for k in METHODS if (m, k) not in UNSUPPORTED
-         for b in BACKENDS if b == "ort-training" or (m, k) in PORTABLE]
+         for b in BACKENDS if b == "ort-training" or (b != "executorch" and (m, k) in COLUMNS[b])]
 
 
 def case(model: str, method: str) -> tuple:
@@ -137,13 +144,16 @@ def exported(tmp_path_factory):
 
     cache = {}
 
-    def get(model: str, method: str):
-        if (model, method) not in cache:
+    def get(model: str, method: str, backend: str = "ort-training"):
+        et = backend == "executorch"
+        if (model, method, et) not in cache:
             d = tmp_path_factory.mktemp(f"{model}-{method}")
+            backends = ("executorch",) if et else ("ort-training", "portable") if (model, method) in PORTABLE \
+                else ORT_ONLY
             res = export_bundle(load_model(MODELS[model].factory), methods=case(model, method)[0], quant="int8",
-                                out=d / "b.edgepeft", backends=BACKENDS if (model, method) in PORTABLE else ORT_ONLY)
-            cache[(model, method)] = (res, d)
-        return cache[(model, method)]
+                                out=d / "b.edgepeft", backends=backends)
+            cache[(model, method, et)] = (res, d)
+        return cache[(model, method, et)]
 
     return get
 
@@ -172,7 +182,7 @@ def _load_into_reference(res, tensors) -> None:
 
 @pytest.mark.parametrize("model, method, backend", CASES)
 def test_method_on_model(exported, model, method, backend):
-    res, d = exported(model, method)
+    res, d = exported(model, method, backend)
     m = res.manifest
     methods, lr, min_drop = case(model, method)
     assert {t.method for t in m.trainable} <= {s.method for s in methods} | {"modules_to_save"}

@@ -205,3 +205,33 @@ def test_new_adapter_saves_no_optimizer_state_until_trained(open_session, bundle
 def test_unknown_backend(open_session, bundle_int8):
     with pytest.raises(BackendError, match="ort-training"):
         open_session(bundle_int8.path, backend="coreml")
+
+
+def test_revert_brings_back_the_saved_version(open_session, bundle_int8, data):
+    s = open_session(bundle_int8.path, optimizer=ADAMW)
+    with pytest.raises(AdapterError, match="never saved"):
+        s.revert_adapter()
+    train(s, data["train"], 2)
+    s.save_adapter()
+    saved, saved_eval = s.parameters(), s.evaluate(data["eval"])
+    train(s, data["train"], 3)
+    assert differ(s.parameters(), saved) and s.steps == 5
+    s.revert_adapter()
+    assert s.steps == 2 and s.evaluate(data["eval"]) == saved_eval
+    assert_same_tensors(s.parameters(), saved)
+    train(s, data["train"], 1)  # the optimizer state came back too: training goes on from step 2
+    assert s.steps == 3
+
+
+def test_unload_drops_the_unsaved_copy(open_session, bundle_int8, data):
+    s = open_session(bundle_int8.path, optimizer=ADAMW)
+    s.save_adapter()
+    stored = s.parameters()
+    train(s, data["train"], 2)
+    s.swap_adapter("bob", create=True)
+    with pytest.raises(AdapterError, match="is active"):
+        s.unload_adapter("bob")
+    s.unload_adapter("alice")
+    s.swap_adapter("alice")  # loads the stored version: the 2 unsaved steps are gone
+    assert s.steps == 0
+    assert_same_tensors(s.parameters(), stored)

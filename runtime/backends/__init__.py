@@ -1,5 +1,6 @@
 """Runtime backends behind one Protocol; chosen by name, or "auto": ort-training where the
-training build is installed and the bundle has its artifacts, else portable."""
+training build is installed and the bundle has its artifacts, else portable, else executorch
+(last: its Python runtime imports torch)."""
 from __future__ import annotations
 
 import importlib.util
@@ -11,7 +12,7 @@ from edgepeft.errors import BackendError
 from edgepeft.runtime.backends._ort_import import has_training_build
 from edgepeft.runtime.backends.base import Backend
 
-BACKENDS = (names.BACKEND_ORT, names.BACKEND_PORTABLE)
+BACKENDS = (names.BACKEND_ORT, names.BACKEND_PORTABLE, names.BACKEND_EXECUTORCH)
 
 
 def available(name: str) -> bool:
@@ -19,18 +20,31 @@ def available(name: str) -> bool:
         return has_training_build()
     if name == names.BACKEND_PORTABLE:
         return importlib.util.find_spec("onnxruntime") is not None
+    if name == names.BACKEND_EXECUTORCH:
+        # The backend module imports torch only when a backend is built.
+        from edgepeft.runtime.backends.executorch import available as et_available
+
+        return et_available()
     return False
+
+
+def resolve(name: str, manifest) -> str:
+    """The backend "auto" stands for with this bundle here: the first of BACKENDS the bundle
+    has and this machine can run. Other names pass through."""
+    if name != "auto":
+        return name
+    found = next((b for b in BACKENDS if b in manifest.backends and available(b)), "")
+    if not found:
+        raise BackendError(f"no runtime backend available here for this bundle (it has "
+                           f"{sorted(manifest.backends)}); install onnxruntime (portable) or "
+                           "onnxruntime-training-cpu==1.19.2 (ort-training)")
+    return found
 
 
 def make_backend(name: str, bundle: OpenedBundle, *, threads: int | None,
                  precheck: Callable[[str], None] = lambda name: None) -> Backend:
     """``precheck(name)`` runs once the backend is chosen, before it loads anything."""
-    if name == "auto":
-        name = next((b for b in BACKENDS if b in bundle.manifest.backends and available(b)), "")
-        if not name:
-            raise BackendError(f"no runtime backend available here for this bundle (it has "
-                               f"{sorted(bundle.manifest.backends)}); install onnxruntime (portable) or "
-                               "onnxruntime-training-cpu==1.19.2 (ort-training)")
+    name = resolve(name, bundle.manifest)
     if name in BACKENDS:
         precheck(name)
     if name == names.BACKEND_ORT:
@@ -41,7 +55,11 @@ def make_backend(name: str, bundle: OpenedBundle, *, threads: int | None,
         from edgepeft.runtime.backends.portable import PortableBackend
 
         return PortableBackend(bundle, threads=threads)
+    if name == names.BACKEND_EXECUTORCH:
+        from edgepeft.runtime.backends.executorch import ExecutorchBackend
+
+        return ExecutorchBackend(bundle, threads=threads)
     raise BackendError(f"unknown backend {name!r}; known: {list(BACKENDS)}")
 
 
-__all__ = ["BACKENDS", "Backend", "available", "make_backend"]
+__all__ = ["BACKENDS", "Backend", "available", "make_backend", "resolve"]
