@@ -131,14 +131,21 @@ def predict(manifest: Manifest, *, backend: str, batch: int, seq: int | None = N
     return Prediction(backend, batch, seq, phases, parts)
 
 
+def largest(fits, hi: int) -> int:
+    """The largest n in [1, hi] with ``fits(n)``, for a ``fits`` true up to some n and false
+    after (memory grows with batch, sequence and rank); 0 if not even 1 fits."""
+    if hi < 1 or not fits(1):
+        return 0
+    lo = 1
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        lo, hi = (mid, hi) if fits(mid) else (lo, mid - 1)
+    return lo
+
+
 def largest_batch(manifest: Manifest, *, backend: str, seq: int | None, budget: int, upto: int) -> int:
     """The largest batch size <= ``upto`` whose predicted session peak fits ``budget`` (0: none)."""
-    best = 0
-    for b in range(1, upto + 1):
-        if predict(manifest, backend=backend, batch=b, seq=seq).session_peak() > budget:
-            break
-        best = b
-    return best
+    return largest(lambda b: predict(manifest, backend=backend, batch=b, seq=seq).session_peak() <= budget, upto)
 
 
 def check(manifest: Manifest, *, backend: str, batch: int | None, seq: int | None, budget: int, what: str) -> None:

@@ -17,7 +17,7 @@ from edgepeft import caps, memory_model
 from edgepeft.devices import Device
 from edgepeft.errors import EdgePeftError, SpecError
 from edgepeft.manifest import Manifest
-from edgepeft.memory_model import Prediction, predict
+from edgepeft.memory_model import Prediction, largest, predict
 
 SCHEMA = "edgepeft.profile/1"
 MAX_BATCH, MAX_RANK = 4096, 1024
@@ -53,17 +53,6 @@ def _report(stdout: str, stderr: str) -> dict:
     if "error" in rep:
         raise EdgePeftError(rep["error"])
     return rep
-
-
-def _largest(fits, hi: int) -> int:
-    """The largest n in [1, hi] with fits(n) (fits is monotone decreasing); 0 if none."""
-    if not fits(1):
-        return 0
-    lo = 1
-    while lo < hi:
-        mid = (lo + hi + 1) // 2
-        lo, hi = (mid, hi) if fits(mid) else (lo, mid - 1)
-    return lo
 
 
 def lora_rank(manifest: Manifest) -> tuple[int, int, int] | None:
@@ -112,14 +101,14 @@ def fit_device(manifest: Manifest, device: Device, pred: Prediction, measured_pe
         args = dict(backend=backend, batch=batch, seq=seq) | kw
         return predict(manifest, **args).peak * ratio <= budget
 
-    max_batch = _largest(lambda b: ok(batch=b), MAX_BATCH)
-    max_seq = _largest(lambda s: ok(seq=s), manifest.max_length) if memory_model.has_seq(manifest) else None
+    max_batch = largest(lambda b: ok(batch=b), MAX_BATCH)
+    max_seq = largest(lambda s: ok(seq=s), manifest.max_length) if memory_model.has_seq(manifest) else None
     lr = lora_rank(manifest)
     max_rank = None
     if lr:
         rank, n, useful = lr
         other = manifest.trainable_params - n
-        max_rank = _largest(lambda r: ok(trainable_params=other + n * r // rank), useful)
+        max_rank = largest(lambda r: ok(trainable_params=other + n * r // rank), useful)
     peak = max(pred.peak, measured_peak or 0)
     return DeviceFit(device, peak, "measured" if measured_peak and measured_peak >= pred.peak else "predicted",
                      max_batch, max_seq, max_rank)
