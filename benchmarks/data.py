@@ -1,4 +1,4 @@
-"""Data and model variants the benchmarks need beyond edgepeft.datasets and the zoo: MNIST digits
+"""Data and model variants the benchmarks need beyond edgepeft.cli.datasets and the zoo: MNIST digits
 as small RGB images, and EfficientNet-Lite0's ImageNet weights at a smaller input size."""
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import dataclasses
 
 import numpy as np
 
-from edgepeft.datasets import mnist_digits, split_indices
+from edgepeft.cli.datasets import mnist_digits, split_indices
 
 DIGITS = tuple(str(i) for i in range(10))
 

@@ -21,7 +21,7 @@ CONFIGS = (("ort-training", "int8"), ("portable", "int8"), ("executorch", "int8"
 
 def child(backend: str, quant: str, tiny: bool) -> None:
     t0 = time.perf_counter()
-    from edgepeft.datasets import BBC_TOPICS
+    from edgepeft.cli.datasets import BBC_TOPICS
     from edgepeft.exporters import export_bundle, load_model
 
     import_s = time.perf_counter() - t0

@@ -18,7 +18,8 @@ from pathlib import Path
 
 import numpy as np
 
-from edgepeft import memory_model, profiler
+from edgepeft import memory_model
+from edgepeft.cli import profiler
 from edgepeft.bundle import open_bundle
 
 MODELS = {"tiny-encoder": ("query", "value"), "tiny-decoder": ("q_proj", "v_proj"), "minilm": ("query", "value")}

@@ -19,7 +19,7 @@ BACKENDS = ("ort-training", "portable")
 
 
 def child(backend: str, steps: int) -> None:
-    from edgepeft.datasets import bbc_news, user_split
+    from edgepeft.cli.datasets import bbc_news, user_split
     from edgepeft.memory import peak_rss_bytes, rss_bytes
     from edgepeft.runtime import OptimizerSpec, Session
 

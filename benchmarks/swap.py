@@ -22,7 +22,7 @@ BACKENDS = ("ort-training", "portable", "executorch")
 
 
 def _batch(s, n: int = 8):
-    from edgepeft.datasets import bbc_news, user_split
+    from edgepeft.cli.datasets import bbc_news, user_split
 
     train, _ = user_split(bbc_news(s.manifest.labels), n_train=n, n_test=0, seed=3)
     return s.encoder.batch(train)

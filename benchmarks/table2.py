@@ -76,7 +76,7 @@ def tasks(tiny: bool) -> dict[str, Task]:
 
     from benchmarks.data import DIGITS, efficientnet_lite0_at
 
-    from edgepeft.datasets import BBC_TOPICS
+    from edgepeft.cli.datasets import BBC_TOPICS
 
     if tiny:
         return {
@@ -113,7 +113,7 @@ def _order(n: int, steps: int, batch: int, seed: int) -> list[list[int]]:
 def make_batches(t: Task, encoder, seed: int) -> dict[str, list]:
     """train (``steps`` batches), val and test batches (Batch objects) for the task."""
     from edgepeft.data import Batch
-    from edgepeft.datasets import bbc_news
+    from edgepeft.cli.datasets import bbc_news
 
     from benchmarks.data import mnist_rgb, three_way_split
 

@@ -41,7 +41,7 @@ def _rss_mib() -> float:
 
 
 def _examples(labels, steps: int):
-    from edgepeft.datasets import bbc_news, user_split
+    from edgepeft.cli.datasets import bbc_news, user_split
 
     train, _ = user_split(bbc_news(tuple(labels)), n_train=BATCH * steps, n_test=0, seed=1)
     return train

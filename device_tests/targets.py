@@ -19,7 +19,7 @@ from urllib.parse import urlsplit
 
 from edgepeft import devices, memory_model, names
 from edgepeft.bundle import read_manifest
-from edgepeft.caps import run_capped
+from edgepeft.cli.caps import run_capped
 from edgepeft.devices import Device
 from edgepeft.errors import SpecError
 

@@ -60,7 +60,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
                     backend=args.backend, max_length=z.max_length)
 
     from edgepeft.data import Example
-    from edgepeft.datasets import tweets, user_split
+    from edgepeft.cli.datasets import tweets, user_split
     from edgepeft.runtime import OptimizerSpec, Personalizer, PersonalizerConfig, Session
 
     train, test = user_split(tweets(PERSONA), n_train=z.n_train, n_test=z.n_test, seed=31, balanced=False)

@@ -43,7 +43,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
                                              modules_to_save=("classifier",))],
                     backend=args.backend, max_length=z.max_length)
 
-    from edgepeft.datasets import bbc_news, user_split
+    from edgepeft.cli.datasets import bbc_news, user_split
     from edgepeft.memory import fmt_bytes
     from edgepeft.runtime import OptimizerSpec, Personalizer, PersonalizerConfig, Session
 

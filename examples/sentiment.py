@@ -29,7 +29,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
     z = SMOKE if args.smoke else FULL
     t0 = time.perf_counter()
     out = fresh_dir(args.out)
-    from edgepeft.datasets import SENTIMENTS, TWEET_PERSONAS, tweets, user_split
+    from edgepeft.cli.datasets import SENTIMENTS, TWEET_PERSONAS, tweets, user_split
     from edgepeft.specs import LoraSpec
 
     bundle = export(out, "minilm", [LoraSpec(rank=8, alpha=16, targets=("query", "value"),

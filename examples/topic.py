@@ -34,7 +34,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
                                              modules_to_save=("classifier",))],
                     backend=args.backend, max_length=z.max_length)
 
-    from edgepeft.datasets import bbc_news, user_split
+    from edgepeft.cli.datasets import bbc_news, user_split
     from edgepeft.runtime import OptimizerSpec, Personalizer, PersonalizerConfig, Session
 
     train, test = user_split(bbc_news(TOPICS), n_train=z.n_train, n_test=z.n_test, seed=11)

@@ -59,7 +59,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
                                                 SelectiveSpec(modules=("_fc",))],
                     backend=args.backend, labels=LABELS)
 
-    from edgepeft.datasets import mnist_digits, split_indices
+    from edgepeft.cli.datasets import mnist_digits, split_indices
     from edgepeft.runtime import OptimizerSpec, Personalizer, PersonalizerConfig, Session
 
     images, labels = mnist_digits()

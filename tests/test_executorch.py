@@ -242,7 +242,7 @@ def test_minilm_parity_and_learning(tmp_path_factory):
     """The real model: MiniLM-L6 + LoRA r8 (query, value) + head over the int8 base, batch 8.
     ExecuTorch's loss, gradients and logits match eager PyTorch on a full and a partial batch,
     and a few steps on BBC News lower the loss."""
-    from edgepeft.datasets import bbc_news, user_split
+    from edgepeft.cli.datasets import bbc_news, user_split
     from edgepeft.exporters import export_bundle, load_model
 
     d = tmp_path_factory.mktemp("et-minilm")

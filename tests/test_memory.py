@@ -12,7 +12,8 @@ import pytest
 from click.testing import CliRunner
 
 from conftest import LABELS, LORA, TRAIN
-from edgepeft import caps, devices, memory_model, profiler
+from edgepeft import devices, memory_model
+from edgepeft.cli import caps, profiler
 from edgepeft.cli import main
 from edgepeft.errors import MemoryBudgetError, SpecError
 from edgepeft.memory import rss_bytes

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 
 from edgepeft import names
 from edgepeft.data import Batch, Example
-from edgepeft.datasets import bbc_news, user_split
+from edgepeft.cli.datasets import bbc_news, user_split
 from edgepeft.runtime import OptimizerSpec, Session
 from edgepeft.specs import BitFitSpec, BottleneckSpec, LoraSpec, PrefixSpec, PromptSpec, SelectiveSpec
 

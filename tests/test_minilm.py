@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from edgepeft.datasets import bbc_news, user_split
+from edgepeft.cli.datasets import bbc_news, user_split
 from edgepeft.runtime import OptimizerSpec, Session
 from edgepeft.specs import LoraSpec
 
@@ -69,7 +69,7 @@ def test_personalization_improves_held_out(minilm):
 
 
 def test_demo_smoke(tmp_path, monkeypatch):
-    from edgepeft.demo import run_demo
+    from edgepeft.cli.demo import run_demo
 
     monkeypatch.setenv("EDGEPEFT_CACHE", str(tmp_path / "cache"))
     out = run_demo(tmp_path / "demo", steps=2, n_test=6)

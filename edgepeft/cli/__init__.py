@@ -290,7 +290,7 @@ def adapters_list(bundle: Path, store: Path | None, as_json: bool) -> None:
                    "export; both exports take a minute or two longer).")
 def demo(out: Path, steps: int, budget: str, backend: str) -> None:
     """Export MiniLM + LoRA (int8 base), personalize two users on BBC News, hot-swap."""
-    from edgepeft.demo import run_demo
+    from edgepeft.cli.demo import run_demo
 
     run_demo(out, steps=steps, budget=budget, backend=backend)
 
@@ -300,7 +300,7 @@ if __name__ == "__main__":
 
 
 # Memory per device lives in its own module; registered here so `edgepeft --help` lists it.
-from edgepeft.cli_profile import devices as _devices, profile as _profile  # noqa: E402
+from edgepeft.cli.profile_cmd import devices as _devices, profile as _profile  # noqa: E402
 
 main.add_command(_devices)
 main.add_command(_profile)

@@ -1,4 +1,4 @@
-"""`edgepeft devices` and `edgepeft profile`: memory per device (see edgepeft.profiler)."""
+"""`edgepeft devices` and `edgepeft profile`: memory per device (see edgepeft.cli.profiler)."""
 from __future__ import annotations
 
 import json
@@ -62,7 +62,7 @@ def profile(bundle: Path, device_names: tuple[str, ...], all_devices: bool, prof
     """Memory of BUNDLE per phase (open, train step, evaluate, swap, infer): predicted from its
     manifest and measured for real in a fresh process; whether it fits each device, with the
     largest batch, sequence length and LoRA rank that would."""
-    from edgepeft import profiler
+    from edgepeft.cli import profiler
     from edgepeft.bundle import open_bundle
     from edgepeft.memory_model import predict
     from edgepeft.runtime.backends import resolve
@@ -90,7 +90,7 @@ def profile(bundle: Path, device_names: tuple[str, ...], all_devices: bool, prof
                                                 threads=threads, cap=d)
     report = profiler.build_report(bundle, manifest, pred, measured, fits, enforced)
     if plot:
-        from edgepeft.profile_plot import plot_report
+        from edgepeft.cli.profile_plot import plot_report
 
         plot_report(report, plot)
     if as_json:

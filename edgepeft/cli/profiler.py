@@ -13,7 +13,8 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from edgepeft import caps, memory_model
+from edgepeft import memory_model
+from edgepeft.cli import caps
 from edgepeft.devices import Device
 from edgepeft.errors import EdgePeftError, SpecError
 from edgepeft.manifest import Manifest

@@ -14,7 +14,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from edgepeft.data import write_jsonl
-from edgepeft.datasets import bbc_news, user_split
+from edgepeft.cli.datasets import bbc_news, user_split
 from edgepeft.memory import fmt_bytes
 
 USERS = {
