@@ -39,6 +39,13 @@ def check_adapter_name(name: str) -> str:
     return name
 
 
+def default_store(bundle_path: Path) -> Path:
+    """Where a bundle's adapters live unless told otherwise: ``x.edgepeft`` -> ``x.adapters``
+    next to it."""
+    p = Path(bundle_path)
+    return p.with_name(p.stem + ".adapters")
+
+
 def peft_config(manifest: Manifest) -> dict[str, Any]:
     """adapter_config.json: PEFT's own config where PEFT has the method (LoRA, prompt tuning),
     so PEFT can load the folder (edgepeft's own method specs go in edgepeft_adapter.json)."""

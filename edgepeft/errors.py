@@ -48,3 +48,7 @@ class SignatureError(BundleError):
 
 class LockError(EdgePeftError):
     """An adapter is in use by another process (or its lock cannot be taken)."""
+
+
+class NumericalError(EdgePeftError):
+    """A step produced a non-finite loss or parameters; the adapter was restored."""

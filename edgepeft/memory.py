@@ -9,6 +9,8 @@ from pathlib import Path
 
 from edgepeft.errors import SpecError
 
+MiB = 1 << 20
+
 _UNITS = {"": 1, "B": 1, "K": 1 << 10, "KB": 1 << 10, "KIB": 1 << 10, "M": 1 << 20, "MB": 1 << 20,
           "MIB": 1 << 20, "G": 1 << 30, "GB": 1 << 30, "GIB": 1 << 30}
 

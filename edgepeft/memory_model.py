@@ -28,8 +28,8 @@ from dataclasses import dataclass, field
 from edgepeft import names
 from edgepeft.errors import MemoryBudgetError, SpecError
 from edgepeft.manifest import Manifest
+from edgepeft.memory import MiB
 
-MiB = 1 << 20
 PHASES = ("open", "train_step", "evaluate", "swap", "infer")
 
 
