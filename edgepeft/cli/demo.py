@@ -9,13 +9,9 @@ import shutil
 import time
 from pathlib import Path
 
-from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-from rich.table import Table
+import click
 
-from edgepeft.data import write_jsonl
-from edgepeft.cli.datasets import bbc_news, user_split
-from edgepeft.memory import fmt_bytes
+from edgepeft.cli._shared import console, out_option, progress
 
 USERS = {
     # Each user follows three topics; their held-out articles are never trained on.
@@ -26,88 +22,126 @@ BATCH = 8
 LR = 3e-3
 
 
+@click.command()
+@out_option("Folder for the bundle, the adapters and the users' JSONL files.", default="out/demo",
+            show_default=True, type=click.Path(file_okay=False, path_type=Path))
+@click.option("--steps", default=30, show_default=True, type=click.IntRange(min=1), help="Training steps per user.")
+@click.option("--budget", default="1GB", show_default=True, help="Memory budget of the device session.")
+@click.option("--backend", default="ort-training", show_default=True,
+              type=click.Choice(["ort-training", "portable", "executorch"]),
+              help="Runtime backend (portable: plain onnxruntime; executorch: ExecuTorch, batch fixed at "
+                   "export; both exports take a minute or two longer).")
+def demo(out: Path, steps: int, budget: str, backend: str) -> None:
+    """Export MiniLM + LoRA (int8 base), personalize two users on BBC News, hot-swap."""
+    run_demo(out, steps=steps, budget=budget, backend=backend)
+
+
 def run_demo(out: Path, *, steps: int = 30, budget: str = "1GB", n_test: int = 60,
              backend: str = "ort-training") -> dict:
-    console = Console(highlight=False)
+    from edgepeft.memory import fmt_bytes
+    from edgepeft.runtime import OptimizerSpec, Session
+
+    c = console()
     out = Path(out)
     bundle = out / "minilm-bbc.edgepeft"
     store = out / "adapters"
     shutil.rmtree(store, ignore_errors=True)
     t0 = time.perf_counter()
+    c.rule("[bold]host: export")
+    _export(c, bundle, backend)
 
-    # ---- host ----------------------------------------------------------------------------
-    console.rule("[bold]host: export")
+    c.rule("[bold]device: personalize")
+    splits = _user_data(out, steps=steps, n_test=n_test)
+    t = time.perf_counter()
+    s = Session.open(bundle, memory_budget=budget, adapter="alice", store=store, threads=2,
+                     optimizer=OptimizerSpec(lr=LR), backend=backend)
+    c.print(f"session open in {time.perf_counter() - t:.2f} s on the {backend} backend, memory budget {budget}")
+    results = {user: _personalize(c, s, user, splits[user], steps=steps, first=k == 0, seed=k)
+               for k, user in enumerate(USERS)}
+
+    c.rule("[bold]device: hot-swap")
+    restored = _hot_swap(c, s, splits, results)
+    peaks = ", ".join(f"{k} {fmt_bytes(v)}" for k, v in s.budget.peaks.items())
+    c.print(f"memory above session start (peak per phase): {peaks}; budget {budget}")
+    c.print(f"adapters in {store}: {s.adapters()}; total demo time {time.perf_counter() - t0:.0f} s")
+    c.print(f"try the CLI: edgepeft train {bundle} --data {out}/alice.train.jsonl "
+            f"--eval-data {out}/alice.test.jsonl --adapter alice --steps 10 --store {store}")
+    s.close()
+    return {"users": results, "restored": restored, "peaks": dict(s.budget.peaks)}
+
+
+def _export(c, bundle: Path, backend: str) -> None:
+    """Host side: MiniLM + LoRA r8 (query, value) + a trainable head, int8 base, into ``bundle``."""
     from edgepeft.exporters import export_bundle, load_model
     from edgepeft.specs import LoraSpec
 
     t = time.perf_counter()
-    with console.status(f"exporting MiniLM-L6 + LoRA r8 (query, value) + head, int8 base, for {backend} ..."):
+    with c.status(f"exporting MiniLM-L6 + LoRA r8 (query, value) + head, int8 base, for {backend} ..."):
         res = export_bundle(load_model("minilm"), out=bundle, quant="int8", backends=(backend,),
                             methods=[LoraSpec(rank=8, alpha=16, targets=("query", "value"),
                                               modules_to_save=("classifier",))],
                             executorch_batch_size=BATCH)  # used by the executorch backend only
     m = res.manifest
-    console.print(f"bundle {bundle} ({bundle.stat().st_size / 1e6:.1f} MB) in {time.perf_counter() - t:.1f} s: "
-                  f"{m.trainable_params:,} trainable of {m.base_params:,} params "
-                  f"({100 * m.trainable_params / m.base_params:.2f}%), "
-                  f"{len(m.quantization['tensors'])} frozen weights int8")
-    del res  # the eager reference model is not needed on the device side
+    c.print(f"bundle {bundle} ({bundle.stat().st_size / 1e6:.1f} MB) in {time.perf_counter() - t:.1f} s: "
+            f"{m.trainable_params:,} trainable of {m.base_params:,} params "
+            f"({100 * m.trainable_params / m.base_params:.2f}%), "
+            f"{len(m.quantization['tensors'])} frozen weights int8")
+    # The eager reference model goes with ``res`` on return: the device side does not need it.
 
-    # ---- device --------------------------------------------------------------------------
-    console.rule("[bold]device: personalize")
-    from edgepeft.runtime import OptimizerSpec, Session
+
+def _user_data(out: Path, *, steps: int, n_test: int) -> dict:
+    """Each user's (train, held-out) slice of BBC News, also written as JSONL for trying the CLI."""
+    from edgepeft.cli.datasets import bbc_news, user_split
+    from edgepeft.data import write_jsonl
 
     splits = {u: user_split(bbc_news(topics), n_train=BATCH * steps, n_test=n_test, seed=i + 1)
               for i, (u, topics) in enumerate(USERS.items())}
-    for user, (train, test) in splits.items():  # for trying the CLI on the same data
+    for user, (train, test) in splits.items():
         write_jsonl(out / f"{user}.train.jsonl", train)
         write_jsonl(out / f"{user}.test.jsonl", test)
-    t = time.perf_counter()
-    s = Session.open(bundle, memory_budget=budget, adapter="alice", store=store, threads=2,
-                     optimizer=OptimizerSpec(lr=LR), backend=backend)
-    console.print(f"session open in {time.perf_counter() - t:.2f} s on the {backend} backend, memory budget {budget}")
-    enc = s.encoder
-    results: dict[str, dict] = {}
-    for k, user in enumerate(USERS):
-        train, test = splits[user]
-        if k:
-            s.swap_adapter(user, create=True)
-        before = s.evaluate(enc.batches(test, 16))
-        losses = []
-        t = time.perf_counter()
-        with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                      console=console) as prog:
-            task = prog.add_task(f"{user}: training", total=steps)
-            for batch in enc.batches(train, BATCH, shuffle=True, seed=k):
-                losses.append(s.train_step(batch))
-                prog.update(task, advance=1, description=f"{user}: training, loss {losses[-1]:.3f}")
-        step_s = (time.perf_counter() - t) / len(losses)
-        after = s.evaluate(enc.batches(test, 16))
-        s.save_adapter()
-        results[user] = {"before": before.accuracy, "after": after.accuracy, "eval": after, "loss_first": losses[0],
-                         "loss_last": losses[-1], "step_s": step_s, "steps": len(losses)}
-        console.print(f"{user} ({', '.join(USERS[user])}): held-out accuracy {before.accuracy:.3f} -> "
-                      f"{after.accuracy:.3f} after {len(losses)} steps ({step_s:.2f} s/step), saved")
+    return splits
 
-    console.rule("[bold]device: hot-swap")
+
+def _personalize(c, s, user: str, split, *, steps: int, first: bool, seed: int) -> dict:
+    """Train ``user``'s adapter (a new one, unless it is the session's first) on their slice."""
+    train, test = split
+    enc = s.encoder
+    if not first:
+        s.swap_adapter(user, create=True)
+    before = s.evaluate(enc.batches(test, 16))
+    losses = []
+    t = time.perf_counter()
+    with progress(c) as prog:
+        task = prog.add_task(f"{user}: training", total=steps)
+        for batch in enc.batches(train, BATCH, shuffle=True, seed=seed):
+            losses.append(s.train_step(batch))
+            prog.update(task, advance=1, description=f"{user}: training, loss {losses[-1]:.3f}")
+    step_s = (time.perf_counter() - t) / len(losses)
+    after = s.evaluate(enc.batches(test, 16))
+    s.save_adapter()
+    c.print(f"{user} ({', '.join(USERS[user])}): held-out accuracy {before.accuracy:.3f} -> "
+            f"{after.accuracy:.3f} after {len(losses)} steps ({step_s:.2f} s/step), saved")
+    return {"before": before.accuracy, "after": after.accuracy, "eval": after, "loss_first": losses[0],
+            "loss_last": losses[-1], "step_s": step_s, "steps": len(losses)}
+
+
+def _hot_swap(c, s, splits: dict, results: dict) -> dict:
+    """Swap to each user's adapter, evaluate on every user's held-out slice, and check that
+    swapping back restores the saved results bit for bit."""
+    from rich.table import Table
+
     table = Table("active adapter", *(f"{u}'s held-out" for u in USERS), "swap time")
     restored = {}
     for user in USERS:
         t = time.perf_counter()
         s.swap_adapter(user)
         swap_ms = (time.perf_counter() - t) * 1e3
-        evals = {u: s.evaluate(enc.batches(splits[u][1], 16)) for u in USERS}
+        evals = {u: s.evaluate(s.encoder.batches(splits[u][1], 16)) for u in USERS}
         restored[user] = evals[user]
         table.add_row(user, *(f"{evals[u].accuracy:.3f}" for u in USERS), f"{swap_ms:.2f} ms")
-    console.print(table)
+    c.print(table)
     for user in USERS:
         ok = restored[user] == results[user]["eval"]  # loss and accuracy, bit for bit
-        console.print(f"{user} after swapping back: accuracy {restored[user].accuracy:.3f}, loss "
-                      f"{restored[user].loss:.6f} ({'restored exactly' if ok else 'NOT restored'})")
-    peaks = ", ".join(f"{k} {fmt_bytes(v)}" for k, v in s.budget.peaks.items())
-    console.print(f"memory above session start (peak per phase): {peaks}; budget {budget}")
-    console.print(f"adapters in {store}: {s.adapters()}; total demo time {time.perf_counter() - t0:.0f} s")
-    console.print(f"try the CLI: edgepeft train {bundle} --data {out}/alice.train.jsonl "
-                  f"--eval-data {out}/alice.test.jsonl --adapter alice --steps 10 --store {store}")
-    s.close()
-    return {"users": results, "restored": restored, "peaks": dict(s.budget.peaks)}
+        c.print(f"{user} after swapping back: accuracy {restored[user].accuracy:.3f}, loss "
+                f"{restored[user].loss:.6f} ({'restored exactly' if ok else 'NOT restored'})")
+    return restored

@@ -7,6 +7,7 @@ from pathlib import Path
 import click
 
 from edgepeft import devices as devices_mod
+from edgepeft.cli._shared import console
 from edgepeft.errors import SpecError
 from edgepeft.memory import fmt_bytes
 
@@ -14,6 +15,8 @@ _profiles = click.option("--profiles", "profile_files", multiple=True,
                          type=click.Path(exists=True, dir_okay=False, path_type=Path),
                          help="A TOML file of your own device profiles (repeatable; same shape as the built-in "
                               "devices.toml; a device of the same name replaces the built-in one).")
+# The device tables are wide; a fixed width keeps them whole when piped.
+_WIDTH = 140
 
 
 @click.command()
@@ -30,13 +33,7 @@ def devices(profile_files: tuple[Path, ...], as_json: bool) -> None:
     t = Table("device", "title", "RAM", "app budget", "cores", "arch", "qemu cpu")
     for d in found.values():
         t.add_row(d.name, d.title, fmt_bytes(d.ram), fmt_bytes(d.budget), str(d.cores), d.arch, d.qemu_cpu or "-")
-    _console().print(t)
-
-
-def _console():
-    from rich.console import Console
-
-    return Console(highlight=False, width=140)
+    console(width=_WIDTH).print(t)
 
 
 @click.command()
@@ -68,12 +65,7 @@ def profile(bundle: Path, device_names: tuple[str, ...], all_devices: bool, prof
     from edgepeft.runtime.backends import resolve
 
     profiler.validate_args(batch, seq)
-    known = devices_mod.load(profile_files)
-    if all_devices and device_names:
-        raise SpecError("give --device NAME or --all-devices, not both")
-    picked = list(known.values()) if all_devices else [devices_mod.get(n, profile_files) for n in device_names]
-    if not picked:
-        raise SpecError("name a device (--device rpi4-2gb; see `edgepeft devices`) or pass --all-devices")
+    picked = _pick_devices(device_names, all_devices, profile_files)
     if enforce and predict_only:
         raise SpecError("--enforce runs the bundle for real: drop --predict-only")
     manifest = open_bundle(bundle).manifest
@@ -99,10 +91,20 @@ def profile(bundle: Path, device_names: tuple[str, ...], all_devices: bool, prof
         _print(report)
 
 
+def _pick_devices(device_names: tuple[str, ...], all_devices: bool, profile_files: tuple[Path, ...]) -> list:
+    known = devices_mod.load(profile_files)
+    if all_devices and device_names:
+        raise SpecError("give --device NAME or --all-devices, not both")
+    picked = list(known.values()) if all_devices else [devices_mod.get(n, profile_files) for n in device_names]
+    if not picked:
+        raise SpecError("name a device (--device rpi4-2gb; see `edgepeft devices`) or pass --all-devices")
+    return picked
+
+
 def _print(report: dict) -> None:
     from rich.table import Table
 
-    c = _console()
+    c = console(width=_WIDTH)
     c.print(f"[bold]{report['model']}[/] on {report['backend']}, batch {report['batch']} x seq {report['seq']}")
     t = Table("phase", "predicted", "measured", "error")
     meas = (report["measured"] or {}).get("phases", {})
