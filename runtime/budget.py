@@ -1,13 +1,23 @@
-"""The session's memory budget: checked before loading (from the manifest) and measured after
-every phase (the high-water mark of resident memory above the session's starting point)."""
+"""The one way the runtime measures memory: a phase meter, and the session's budget on top of it.
+
+``with budget.phase("train_step"): ...`` restarts the resident high-water mark at entry (Linux
+``/proc/self/clear_refs``) and at exit records the phase's peak, absolute and above the
+baseline read by ``start()``, and its wall time; with a limit set, a peak above the baseline
+over it raises MemoryBudgetError. The session checks its budget before loading (from the
+manifest) and meters every phase; the profiler and the device scenario meter theirs with no
+limit. Phases nest (the profiler's phase around a session's own): each reset restarts the mark,
+so an outer phase sees the peak since the innermost reset."""
 from __future__ import annotations
 
+import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
+from typing import Callable, Iterator
 
+from edgepeft import names
 from edgepeft.bundle import OpenedBundle
 from edgepeft.errors import MemoryBudgetError
 from edgepeft.memory import fmt_bytes, peak_rss_bytes, reset_peak, rss_bytes
-from edgepeft import names
 
 
 def static_bytes(bundle: OpenedBundle, backend: str) -> int:
@@ -24,13 +34,34 @@ def static_bytes(bundle: OpenedBundle, backend: str) -> int:
     return files + 3 * 4 * m.trainable_params
 
 
+@dataclass(frozen=True)
+class PhaseReading:
+    """One metered run of a phase."""
+
+    name: str
+    peak: int       # the process's resident high-water mark during the phase (bytes)
+    used: int       # ``peak`` above the meter's baseline, 0 at least (bytes)
+    seconds: float  # wall time
+
+
 @dataclass
 class MemoryBudget:
+    """A phase meter, with an optional ``limit`` (bytes above the baseline) it enforces.
+
+    Per phase name it keeps the largest ``peaks`` (above the baseline: what the budget is
+    checked against) and ``peak_rss`` (absolute: what compares with a device's RAM), and the
+    ``seconds`` of the last run; ``last`` is the last reading."""
+
     limit: int | None
     baseline: int = 0
     peaks: dict[str, int] = field(default_factory=dict)
+    peak_rss: dict[str, int] = field(default_factory=dict)
+    seconds: dict[str, float] = field(default_factory=dict)
+    last: PhaseReading | None = None
+    exact: bool = False  # whether the high-water mark can be reset here (else peaks are since process start)
 
     def start(self) -> None:
+        """Read the baseline (the resident memory now) and restart the high-water mark."""
         self.baseline = rss_bytes()
         self.exact = reset_peak()
 
@@ -41,16 +72,31 @@ class MemoryBudget:
                 "raise the budget or export a smaller bundle (lower rank, int8 base, shorter sequences)"
             )
 
-    def begin(self) -> None:
-        """Start measuring a phase (the high-water mark restarts from the current RSS)."""
+    @contextmanager
+    def phase(self, name: str, *,
+              on_over: Callable[[MemoryBudgetError], BaseException] | None = None) -> Iterator[None]:
+        """Meter the ``with`` body as phase ``name``; a body that raises is not recorded. Over the
+        limit, raises MemoryBudgetError, or what ``on_over(error)`` returns (the session's
+        watchdog saves the adapter there first)."""
         reset_peak()
+        t = time.perf_counter()
+        yield
+        err = self._record(name, peak_rss_bytes(), time.perf_counter() - t)
+        if err is not None:
+            if on_over is None:
+                raise err
+            raise on_over(err) from None
 
-    def end(self, phase: str) -> int:
-        used = max(0, peak_rss_bytes() - self.baseline)
-        self.peaks[phase] = max(self.peaks.get(phase, 0), used)
-        if self.limit is not None and used > self.limit:
-            raise MemoryBudgetError(
-                f"{phase} reached {fmt_bytes(used)} above the session's start, over the memory budget of "
-                f"{fmt_bytes(self.limit)}; use smaller batches or shorter sequences, or raise the budget"
-            )
-        return used
+    def _record(self, name: str, peak: int, seconds: float) -> MemoryBudgetError | None:
+        """Keep the reading; the error to raise when it is over the limit."""
+        used = max(0, peak - self.baseline)
+        self.last = PhaseReading(name, peak, used, seconds)
+        self.peaks[name] = max(self.peaks.get(name, 0), used)
+        self.peak_rss[name] = max(self.peak_rss.get(name, 0), peak)
+        self.seconds[name] = seconds
+        if self.limit is None or used <= self.limit:
+            return None
+        return MemoryBudgetError(
+            f"{name} reached {fmt_bytes(used)} above the session's start, over the memory budget of "
+            f"{fmt_bytes(self.limit)}; use smaller batches or shorter sequences, or raise the budget"
+        )

@@ -15,17 +15,18 @@ import os
 import platform
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import numpy as np
 
-from edgepeft import names
 from edgepeft.data import Batch
 from edgepeft.manifest import Manifest
-from edgepeft.memory import peak_rss_bytes, reset_peak, rss_bytes
+from edgepeft.memory import reset_peak
+from edgepeft.memory_model import PHASES
+from edgepeft.runtime.budget import MemoryBudget
+from edgepeft.runtime.session import Session
 
-PHASES = ("open", "train_step", "evaluate", "swap", "infer")
+__all__ = ["PHASES", "profile_phases", "synthetic_batch"]
 
 
 def synthetic_batch(manifest: Manifest, batch: int, seq: int, seed: int = 0) -> Batch:
@@ -46,42 +47,37 @@ def synthetic_batch(manifest: Manifest, batch: int, seq: int, seed: int = 0) -> 
     return Batch(feeds, labels)
 
 
-def measure(bundle: str | Path, *, backend: str = "auto", batch: int = 8, seq: int | None = None,
-            steps: int = 2, threads: int | None = None, workdir: str | Path | None = None) -> dict:
-    """Run every phase once (train ``steps`` times) and return their peaks (bytes, absolute RSS)."""
-    from edgepeft.runtime.session import Session  # after the baseline is read: it imports numpy only
-
-    reset_peak()
-    baseline = rss_bytes()
-    peaks: dict[str, int] = {}
-    times: dict[str, float] = {}
-
-    def phase(name, fn):
-        reset_peak()
-        t = time.perf_counter()
-        out = fn()
-        times[name] = time.perf_counter() - t
-        peaks[name] = max(peaks.get(name, 0), peak_rss_bytes())
-        return out
-
+def profile_phases(bundle: str | Path, *, backend: str = "auto", batch: int = 8, seq: int | None = None,
+                   steps: int = 2, threads: int | None = None, workdir: str | Path | None = None) -> dict:
+    """Run every phase of PHASES once (train ``steps`` times) and return their peaks (bytes,
+    absolute RSS) and wall times, as ``python -m edgepeft.runtime.profiling`` prints them."""
+    meter = MemoryBudget(None)
+    meter.start()
     with tempfile.TemporaryDirectory(prefix="edgepeft-profile-") as tmp:
         root = Path(workdir or tmp)
-        s = phase("open", lambda: Session.open(bundle, backend=backend, threads=threads, store=root / "adapters",
-                                               cache_dir=root / "cache"))
+        with meter.phase("open"):
+            s = Session.open(bundle, backend=backend, threads=threads, store=root / "adapters",
+                             cache_dir=root / "cache")
         try:
-            m = s.manifest
-            seq = seq or m.max_length
-            b = synthetic_batch(m, batch, seq)
-            losses = [phase("train_step", lambda: s.train_step(b)) for _ in range(steps)]
-            phase("evaluate", lambda: s.evaluate([b]))
-            phase("swap", lambda: (s.swap_adapter("profile-b", create=True), s.swap_adapter("default")))
-            phase("infer", lambda: s.infer(b.feeds))
+            seq = seq or s.manifest.max_length
+            b = synthetic_batch(s.manifest, batch, seq)
+            losses = []
+            for _ in range(steps):
+                with meter.phase("train_step"):
+                    losses.append(s.train_step(b))
+            with meter.phase("evaluate"):
+                s.evaluate([b])
+            with meter.phase("swap"):
+                s.swap_adapter("profile-b", create=True)
+                s.swap_adapter("default")
+            with meter.phase("infer"):
+                s.infer(b.feeds)
             used = s.backend.name
         finally:
             s.close()
     return {
         "bundle": str(bundle), "backend": used, "batch": batch, "seq": seq, "steps": steps,
-        "threads": threads, "baseline": baseline, "peaks": peaks, "seconds": times,
+        "threads": threads, "baseline": meter.baseline, "peaks": meter.peak_rss, "seconds": meter.seconds,
         "losses": [float(x) for x in losses], "exact": reset_peak(),
         "platform": {"machine": platform.machine(), "python": platform.python_version(),
                      "pid": os.getpid()},
@@ -100,7 +96,7 @@ def main(argv: list[str] | None = None) -> int:
     from edgepeft.errors import EdgePeftError
 
     try:
-        report = measure(a.bundle, backend=a.backend, batch=a.batch, seq=a.seq, steps=a.steps, threads=a.threads)
+        report = profile_phases(a.bundle, backend=a.backend, batch=a.batch, seq=a.seq, steps=a.steps, threads=a.threads)
     except EdgePeftError as e:
         print(json.dumps({"error": str(e), "type": type(e).__name__}))
         return 2

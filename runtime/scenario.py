@@ -17,16 +17,19 @@ import os
 import platform
 import sys
 import tempfile
-import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
+from edgepeft.data import Batch
 from edgepeft.errors import EdgePeftError
 from edgepeft.fsutil import sha256_file
-from edgepeft.memory import peak_rss_bytes, reset_peak
+from edgepeft.memory import MiB
 from edgepeft.optim import OptimizerSpec
+from edgepeft.runtime.budget import MemoryBudget
 from edgepeft.runtime.profiling import synthetic_batch
+from edgepeft.runtime.session import Session
 
 SECOND_ADAPTER = "scenario-b"
 
@@ -58,63 +61,74 @@ def run(bundle: str | Path, *, steps: int = 3, seed: int = 0, batch: int = 4, se
         store: str | Path | None = None, cache_dir: str | Path | None = None,
         memory_budget: int | str | None = None) -> dict:
     """Run the scenario; returns the report (raises EdgePeftError when refused)."""
-    from edgepeft.runtime.session import Session
-
     if steps < 1 or batch < 1:
         raise EdgePeftError(f"`steps` and `batch` must be >= 1, got steps={steps}, batch={batch}")
-    seconds: dict[str, float | list[float]] = {}
-    peaks: dict[str, int] = {}
-
-    def phase(name, fn):
-        reset_peak()
-        t = time.perf_counter()
-        out = fn()
-        dt = time.perf_counter() - t
-        if name == "train_step":
-            seconds.setdefault(name, []).append(dt)  # type: ignore[union-attr]
-        else:
-            seconds[name] = dt
-        peaks[name] = max(peaks.get(name, 0), peak_rss_bytes())
-        return out
-
+    meter = MemoryBudget(None)  # absolute peaks, no limit: the session enforces ``memory_budget`` itself
     with tempfile.TemporaryDirectory(prefix="edgepeft-scenario-") as tmp:
         store = Path(store) if store else Path(tmp) / "adapters"
         cache = Path(cache_dir) if cache_dir else Path(tmp) / "cache"
-        s = phase("open", lambda: Session.open(bundle, adapter=adapter, store=store, cache_dir=cache,
-                                               backend=backend, threads=threads, memory_budget=memory_budget,
-                                               batch_size=batch, optimizer=OptimizerSpec(lr=lr)))
+        with meter.phase("open"):
+            s = Session.open(bundle, adapter=adapter, store=store, cache_dir=cache, backend=backend,
+                             threads=threads, memory_budget=memory_budget, batch_size=batch,
+                             optimizer=OptimizerSpec(lr=lr))
         try:
-            m = s.manifest
+            m, used, start_steps = s.manifest, s.backend.name, s.steps
             seq = seq or m.max_length
             train = synthetic_batch(m, batch, seq, seed)
             probe = synthetic_batch(m, batch, seq, seed + 1)  # the fixed batch inferred at the end
-            start_steps = s.steps
-            losses = [float(phase("train_step", lambda: s.train_step(train))) for _ in range(steps)]
-            saved = phase("save", lambda: s.save_adapter())
-            trained_eval = s.evaluate([train]).loss
-            phase("swap", lambda: s.swap_adapter(SECOND_ADAPTER, create=True))
-            second_eval = s.evaluate([train]).loss
-            phase("swap_back", lambda: s.swap_adapter(adapter))
-            back_eval = s.evaluate([train]).loss
-            out = np.ascontiguousarray(phase("infer", lambda: s.infer(probe.feeds)), dtype=np.float32)
-            used = s.backend.name
+            c = _cycle(s, meter, adapter, steps, train, probe)
         finally:
             s.close()
-        weights_sha = sha256_file(saved / "adapter_model.safetensors")
+        weights_sha = sha256_file(c.saved / "adapter_model.safetensors")
+    out = c.outputs
     return {
         "bundle": Path(bundle).name, "model": m.model_name, "model_sha256": m.model_sha256,
         "backend": used, "adapter": adapter, "steps": steps, "steps_before": start_steps, "seed": seed,
         "batch": batch, "seq": seq, "threads": threads, "lr": lr,
-        "losses": losses,
-        "eval": {"trained": float(trained_eval), "second": float(second_eval), "back": float(back_eval)},
+        "losses": c.losses,
+        "eval": c.evals,
         # Swapping back must restore the adapter exactly: compared bit for bit, on every target.
-        "swap_restored": back_eval == trained_eval,
+        "swap_restored": c.evals["back"] == c.evals["trained"],
         "outputs": {"shape": list(out.shape), "sha256": hashlib.sha256(out.tobytes()).hexdigest(),
                     "sum": float(out.sum(dtype=np.float64)), "values": out.tolist()},
-        "saved": {"path": str(saved), "weights_sha256": weights_sha},
-        "seconds": seconds, "peaks": peaks, "peak_rss": max(peaks.values()),
+        "saved": {"path": str(c.saved), "weights_sha256": weights_sha},
+        "seconds": {**meter.seconds, "train_step": c.step_seconds},
+        "peaks": meter.peak_rss, "peak_rss": max(meter.peak_rss.values()),
         "platform": _platform(),
     }
+
+
+@dataclass(frozen=True)
+class _Cycle:
+    losses: list[float]
+    step_seconds: list[float]
+    saved: Path
+    evals: dict[str, float]  # the loss on the training batch: trained, second adapter, back
+    outputs: np.ndarray      # float32 logits of the probe batch
+
+
+def _cycle(s: Session, meter: MemoryBudget, adapter: str, steps: int, train: Batch, probe: Batch) -> _Cycle:
+    """Train, save, swap away and back, infer, each metered as a phase; the evaluations in
+    between are not (the session meters them as its own "evaluate")."""
+    losses, step_seconds = [], []
+    for _ in range(steps):
+        with meter.phase("train_step"):
+            loss = s.train_step(train)
+        losses.append(float(loss))
+        step_seconds.append(meter.last.seconds)
+    with meter.phase("save"):
+        saved = s.save_adapter()
+    trained = s.evaluate([train]).loss
+    with meter.phase("swap"):
+        s.swap_adapter(SECOND_ADAPTER, create=True)
+    second = s.evaluate([train]).loss
+    with meter.phase("swap_back"):
+        s.swap_adapter(adapter)
+    back = s.evaluate([train]).loss
+    with meter.phase("infer"):
+        logits = s.infer(probe.feeds)
+    evals = {"trained": float(trained), "second": float(second), "back": float(back)}
+    return _Cycle(losses, step_seconds, saved, evals, np.ascontiguousarray(logits, dtype=np.float32))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -145,7 +159,7 @@ def main(argv: list[str] | None = None) -> int:
     else:
         print(f"{report['model']} on {report['platform']['machine']} ({report['backend']}): losses "
               f"{', '.join(f'{x:.6f}' for x in report['losses'])}; outputs sha256 {report['outputs']['sha256'][:16]}; "
-              f"peak RSS {report['peak_rss'] / 2**20:.0f} MiB")
+              f"peak RSS {report['peak_rss'] / MiB:.0f} MiB")
     return 0
 
 

@@ -13,19 +13,19 @@ from typing import Iterable, Mapping, Sequence
 import numpy as np
 
 from edgepeft import memory_model, names
-from edgepeft.adapters import AdapterStore, check_adapter_name
+from edgepeft.adapters import AdapterStore, check_adapter_name, default_store
 from edgepeft.bundle import OpenedBundle, open_bundle
 from edgepeft.data import Batch, Example, TextEncoder
-from edgepeft.errors import AdapterError, DataError, EdgePeftError, MemoryBudgetError
+from edgepeft.errors import AdapterError, DataError, MemoryBudgetError, NumericalError
 from edgepeft.manifest import Manifest
 from edgepeft.memory import parse_size
 from edgepeft.optim import Optimizer, OptimizerSpec
 from edgepeft.runtime.backends import Backend, make_backend
+from edgepeft.runtime.batching import accumulate
 from edgepeft.runtime.budget import MemoryBudget, static_bytes
 
-
-class NumericalError(EdgePeftError):
-    """A step produced a non-finite loss or parameters; the adapter was restored."""
+# Their homes are edgepeft.errors and edgepeft.adapters; importable from here as before.
+__all__ = ["EvalResult", "NumericalError", "Session", "default_store"]
 
 
 @dataclass(frozen=True)
@@ -42,9 +42,16 @@ class EvalResult:
         return math.exp(min(self.loss, 700.0))
 
 
-def default_store(bundle_path: Path) -> Path:
-    p = Path(bundle_path)
-    return p.with_name(p.stem + ".adapters")
+def _precheck(budget: MemoryBudget, bundle: OpenedBundle, what: str, batch: int | None):
+    """What to check once the backend is chosen and before it loads: the bundle's static size,
+    and with a limit the memory model's prediction (at ``batch``, else for opening)."""
+    def check(name: str) -> None:
+        where = f"{what} on {name}"
+        budget.precheck(static_bytes(bundle, name), where)
+        if budget.limit is not None:
+            memory_model.check(bundle.manifest, backend=name, batch=batch, seq=None, budget=budget.limit,
+                               what=where)
+    return check
 
 
 @dataclass
@@ -70,6 +77,7 @@ class Session:
         self._others: dict[str, _Adapter] = {}
         self._name = ""
         self._cur: _Adapter | None = None
+        self.micro_batch = False
 
     @classmethod
     def open(cls, path: str | Path, *, memory_budget: int | str | None = None, adapter: str = "default",
@@ -98,28 +106,25 @@ class Session:
         budget = MemoryBudget(parse_size(memory_budget))
         budget.start()
         bundle = open_bundle(Path(path), Path(cache_dir) if cache_dir else None, trusted_keys=trusted_keys)
-        budget.begin()
-        def precheck(name: str) -> None:
-            what = f"bundle {Path(path).name!r} on {name}"
-            budget.precheck(static_bytes(bundle, name), what)
-            if budget.limit is not None:
-                memory_model.check(bundle.manifest, backend=name, batch=batch_size, seq=None, budget=budget.limit,
-                                   what=what)
-
-        be = make_backend(backend, bundle, threads=threads, precheck=precheck)
-        store_dir = Path(store) if store else default_store(Path(path))
-        s = cls(bundle, be, AdapterStore(store_dir, bundle.manifest), budget, optimizer or OptimizerSpec())
-        try:
-            s.store.hold(adapter)  # a second process training it fails now, not at save time
-            s._cur = s._load(adapter, create=True)
-        except BaseException:
-            s.close()
-            raise
-        s._name = adapter
-        s.micro_batch = micro_batch
-        be.load_parameters(s._cur.tensors)
-        budget.end("open")
+        with budget.phase("open"):
+            precheck = _precheck(budget, bundle, f"bundle {Path(path).name!r}", batch_size)
+            be = make_backend(backend, bundle, threads=threads, precheck=precheck)
+            store_dir = Path(store) if store else default_store(Path(path))
+            s = cls(bundle, be, AdapterStore(store_dir, bundle.manifest), budget, optimizer or OptimizerSpec())
+            s.micro_batch = micro_batch
+            s._activate(adapter)
         return s
+
+    def _activate(self, adapter: str) -> None:
+        """Hold, load and install the session's first adapter (closing the session on failure)."""
+        try:
+            self.store.hold(adapter)  # a second process training it fails now, not at save time
+            self._cur = self._load(adapter, create=True)
+        except BaseException:
+            self.close()
+            raise
+        self._name = adapter
+        self.backend.load_parameters(self._cur.tensors)
 
     # -- adapters --------------------------------------------------------------------------
     @property
@@ -224,8 +229,13 @@ class Session:
         NumericalError."""
         b = self._as_batch(batch, need_labels=True)
         chunks = self._fit_budget(b)
-        self.budget.begin()
-        loss, grads = self._forward_backward(chunks)
+        with self.budget.phase("train_step", on_over=self._save_and_stop):
+            loss, grads = self._forward_backward(chunks)
+            self._apply(loss, grads)
+        return loss
+
+    def _apply(self, loss: float, grads: dict[str, np.ndarray]) -> None:
+        """The optimizer step on the active adapter, or NumericalError changing nothing."""
         cur = self._cur
         bad = not math.isfinite(loss) or not all(np.all(np.isfinite(g)) for g in grads.values())
         if not bad:
@@ -240,12 +250,11 @@ class Session:
         self.backend.load_parameters(new)
         cur.tensors = new
         cur.steps += 1
-        try:
-            self.budget.end("train_step")
-        except MemoryBudgetError as e:  # the watchdog: keep the work, stop cleanly
-            saved = self.save_adapter()
-            raise MemoryBudgetError(f"{e}. Training stopped; adapter {self._name!r} was saved to {saved}") from None
-        return loss
+
+    def _save_and_stop(self, e: MemoryBudgetError) -> MemoryBudgetError:
+        """The watchdog, when a step ended over the budget: keep the work, stop cleanly."""
+        saved = self.save_adapter()
+        return MemoryBudgetError(f"{e}. Training stopped; adapter {self._name!r} was saved to {saved}")
 
     def _fit_budget(self, b: Batch) -> list[Batch]:
         """``b`` as micro-batches predicted to fit the budget (just ``[b]`` without a budget)."""
@@ -266,35 +275,22 @@ class Session:
     def _forward_backward(self, chunks: list[Batch]) -> tuple[float, dict[str, np.ndarray]]:
         """Loss and gradients of the whole batch: micro-batches weighted by their labelled
         positions (the backends' losses are means over those)."""
-        if len(chunks) == 1:
+        if len(chunks) == 1:  # the whole batch, as the backend computes it
             return self.backend.forward_backward(chunks[0])
-        total, loss, grads = 0, 0.0, {}
-        for c in chunks:
-            n = int((c.labels != names.IGNORE_INDEX).sum())
-            if n == 0:
-                continue
-            l_c, g_c = self.backend.forward_backward(c)
-            loss += n * l_c
-            for k, g in g_c.items():
-                grads[k] = grads[k] + n * g if k in grads else n * g
-            total += n
-        if total == 0:
-            raise DataError("the batch has no labelled positions")
-        return loss / total, {k: g / total for k, g in grads.items()}
+        return accumulate(chunks, self.backend.forward_backward)
 
     def evaluate(self, batches: Iterable[Batch | Sequence[Example]]) -> EvalResult:
         """Mean loss and top-1 accuracy over ``batches``, weighted by labelled positions."""
         total_loss, correct, n = 0.0, 0, 0
-        self.budget.begin()
-        for batch in batches:
-            b = self._as_batch(batch, need_labels=True)
-            loss, logits = self.backend.eval_step(b)
-            valid = b.labels != names.IGNORE_INDEX
-            count = int(valid.sum())
-            total_loss += loss * count
-            correct += int(((logits.argmax(axis=-1) == b.labels) & valid).sum())
-            n += count
-        self.budget.end("evaluate")
+        with self.budget.phase("evaluate"):
+            for batch in batches:
+                b = self._as_batch(batch, need_labels=True)
+                loss, logits = self.backend.eval_step(b)
+                valid = b.labels != names.IGNORE_INDEX
+                count = int(valid.sum())
+                total_loss += loss * count
+                correct += int(((logits.argmax(axis=-1) == b.labels) & valid).sum())
+                n += count
         if n == 0:
             raise DataError("evaluate() got no batches")
         return EvalResult(total_loss / n, correct / n, n)
@@ -302,10 +298,8 @@ class Session:
     def infer(self, inputs: Sequence[str] | Mapping[str, np.ndarray]) -> np.ndarray:
         """Logits for texts (tokenized with the bundle's tokenizer) or for model input arrays."""
         feeds = dict(inputs) if isinstance(inputs, Mapping) else self.encoder.encode(list(inputs))
-        self.budget.begin()
-        out = self.backend.infer(feeds)
-        self.budget.end("infer")
-        return out
+        with self.budget.phase("infer"):
+            return self.backend.infer(feeds)
 
     def predict(self, texts: Sequence[str]) -> list[str]:
         return [self.manifest.labels[i] for i in self.infer(texts).argmax(axis=-1)]

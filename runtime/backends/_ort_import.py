@@ -50,18 +50,13 @@ def _install_stub() -> None:
 
 def training_api():
     if "onnxruntime.training" not in sys.modules:
-        spec = importlib.util.find_spec("onnxruntime")
-        if spec is None or not spec.submodule_search_locations:
+        if _pkg_dir() is None:
             raise BackendError("the ort-training backend needs onnxruntime-training-cpu==1.19.2 "
                                "(pip install 'edgepeft[ort]'); or use another backend")
-        pkg_dir = os.path.join(list(spec.submodule_search_locations)[0], "training")
-        if not os.path.isdir(os.path.join(pkg_dir, "api")):
+        if not has_training_build():
             raise BackendError("the installed onnxruntime has no training API (plain onnxruntime?): install "
                                "onnxruntime-training-cpu==1.19.2 in its place (pip install 'edgepeft[ort]')")
-        stub = types.ModuleType("onnxruntime.training")
-        stub.__path__ = [pkg_dir]
-        sys.modules["onnxruntime.training"] = stub
-        sys.modules.setdefault("onnxruntime.training.ortmodule", None)
+        _install_stub()
     try:
         from onnxruntime.training import api
     except ImportError as e:

@@ -1,14 +1,17 @@
-"""The one Protocol every runtime backend implements (numpy tensors in and out).
+"""The one Protocol every runtime backend implements (numpy tensors in and out), and the
+checks every backend makes on what it is given.
 
 A backend computes; the session owns the adapter tensors and the optimizer, so that every
 backend trains the same way and adapters move between backends unchanged."""
 from __future__ import annotations
 
-from typing import Mapping, Protocol, runtime_checkable
+from typing import Mapping, Protocol, Sequence, runtime_checkable
 
 import numpy as np
 
+from edgepeft.bundle import OpenedBundle
 from edgepeft.data import Batch
+from edgepeft.errors import BackendError, DataError
 
 
 @runtime_checkable
@@ -31,3 +34,20 @@ class Backend(Protocol):
         """Assign trainable tensors in place (the frozen base is not reloaded)."""
 
     def close(self) -> None: ...
+
+
+def backend_entry(bundle: OpenedBundle, name: str, what: str) -> dict:
+    """The manifest's entry for backend ``name`` (its member files and settings); BackendError
+    naming ``what`` is missing when the bundle was exported without that backend."""
+    entry = bundle.manifest.backends.get(name)
+    if entry is None:
+        raise BackendError(f"bundle {str(bundle.source)!r} has no {what} (it has "
+                           f"{sorted(bundle.manifest.backends)}); re-export it with the {name!r} backend")
+    return entry
+
+
+def check_inputs(feeds: Mapping[str, np.ndarray], inputs: Sequence[str]) -> None:
+    """DataError unless ``feeds`` has every one of the graph's ``inputs``."""
+    missing = [n for n in inputs if n not in feeds]
+    if missing:
+        raise DataError(f"batch lacks model inputs {missing}; the bundle takes {list(inputs)}")

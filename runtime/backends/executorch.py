@@ -10,9 +10,9 @@ The training program is built for a fixed batch. A smaller batch is padded with 
 first row labelled IGNORE_INDEX (the program's loss averages over labelled positions only, so
 padding changes neither loss nor gradients); a larger one is split into chunks whose losses
 and gradients are averaged weighted by their labelled positions, which is the full batch's
-mean. The adapter lives in the program's own parameter memory: ``named_parameters()`` of the
-training module aliases it, so a swap is an in-place copy and the frozen base is never
-reloaded."""
+mean (``edgepeft.runtime.batching``). The adapter lives in the program's own parameter
+memory: ``named_parameters()`` of the training module aliases it, so a swap is an in-place
+copy and the frozen base is never reloaded."""
 from __future__ import annotations
 
 import importlib.util
@@ -24,8 +24,10 @@ import numpy as np
 from edgepeft import names
 from edgepeft.bundle import OpenedBundle
 from edgepeft.data import Batch
-from edgepeft.errors import BackendError, DataError
-from edgepeft.runtime.backends.portable import cross_entropy
+from edgepeft.errors import BackendError
+from edgepeft.runtime.backends.base import backend_entry, check_inputs
+from edgepeft.runtime.batching import accumulate
+from edgepeft.runtime.losses import cross_entropy
 
 _PACKAGE = "executorch"
 
@@ -51,10 +53,7 @@ class ExecutorchBackend:
 
     def __init__(self, bundle: OpenedBundle, *, threads: int | None = None):
         m = bundle.manifest
-        entry = m.backends.get(self.name)
-        if entry is None:
-            raise BackendError(f"bundle {str(bundle.source)!r} has no ExecuTorch programs (it has "
-                               f"{sorted(m.backends)}); re-export it with the 'executorch' backend")
+        entry = backend_entry(bundle, self.name, "ExecuTorch programs")
         try:
             self.batch_size = int(entry[names.EXECUTORCH_BATCH_SIZE])
             training, inference = entry["training_program"], entry["inference_program"]
@@ -99,44 +98,34 @@ class ExecutorchBackend:
         return (*tensors, labels)
 
     # -- batches ---------------------------------------------------------------------------
-    def _chunks(self, feeds: Mapping[str, np.ndarray], labels: np.ndarray | None
-                ) -> Iterator[tuple[int, list, object]]:
-        """(real rows, input tensors, label tensor) per chunk of exactly ``batch_size`` rows."""
-        missing = [n for n in self._inputs if n not in feeds]
-        if missing:
-            raise DataError(f"batch lacks model inputs {missing}; the bundle takes {self._inputs}")
+    def _chunks(self, feeds: Mapping[str, np.ndarray], labels: np.ndarray | None) -> Iterator[tuple[int, Batch]]:
+        """(real rows, chunk of exactly ``batch_size`` rows) for the rows of ``feeds``."""
+        check_inputs(feeds, self._inputs)
         arrays = [np.asarray(feeds[n]) for n in self._inputs]
         rows = len(arrays[0])
         b = self.batch_size
         for start in range(0, rows, b):
             real = min(b, rows - start)
-            parts = [_pad_rows(a[start:start + real], b) for a in arrays]
+            parts = {n: _pad_rows(a[start:start + real], b) for n, a in zip(self._inputs, arrays)}
             lab = None
             if labels is not None:
                 lab = np.full((b, *labels.shape[1:]), names.IGNORE_INDEX, dtype=np.int64)
                 lab[:real] = labels[start:start + real]
-                lab = self._torch.from_numpy(lab)
-            yield real, [self._torch.from_numpy(p) for p in parts], lab
+            yield real, Batch(parts, lab)
+
+    def _tensors(self, chunk: Batch) -> list:
+        return [self._torch.from_numpy(chunk.feeds[n]) for n in self._inputs]
+
+    def _run(self, chunk: Batch) -> tuple[float, dict[str, np.ndarray]]:
+        """Loss and gradients (copied out of the runtime's buffers) of one full-size chunk."""
+        out = self._train.forward_backward("forward", (*self._tensors(chunk), self._torch.from_numpy(chunk.labels)))
+        g = self._train.named_gradients()
+        return float(out[0]), {n: g[self._grad_names[n]].numpy().copy() for n in self._trainable}
 
     # -- Backend Protocol ------------------------------------------------------------------
     def forward_backward(self, batch: Batch) -> tuple[float, dict[str, np.ndarray]]:
-        labels = np.asarray(batch.labels)
-        total = int((labels != names.IGNORE_INDEX).sum())
-        if total == 0:
-            raise DataError("the batch has no labelled positions to train on")
-        loss = 0.0
-        grads = {n: np.zeros(self._params[n].shape, dtype=np.float32) for n in self._trainable}
-        for _, tensors, lab in self._chunks(batch.feeds, labels):
-            count = int((lab != names.IGNORE_INDEX).sum())
-            if count == 0:
-                continue  # a chunk of only ignored positions adds nothing (its mean would be 0/0)
-            w = count / total
-            out = self._train.forward_backward("forward", (*tensors, lab))
-            loss += float(out[0]) * w
-            g = self._train.named_gradients()
-            for n in self._trainable:
-                grads[n] += g[self._grad_names[n]].numpy() * np.float32(w)
-        return loss, grads
+        chunks = (c for _, c in self._chunks(batch.feeds, np.asarray(batch.labels)))
+        return accumulate(chunks, self._run)
 
     def eval_step(self, batch: Batch) -> tuple[float, np.ndarray]:
         logits = self.infer(batch.feeds)
@@ -147,8 +136,8 @@ class ExecutorchBackend:
             self._infer_module = self._lib._load_for_executorch(self._inference_path)
         adapter = [self._params[n] for n in self._trainable]
         outs = []
-        for real, tensors, _ in self._chunks(feeds, None):
-            logits = self._infer_module.forward((*tensors, *adapter))[0]
+        for real, chunk in self._chunks(feeds, None):
+            logits = self._infer_module.forward((*self._tensors(chunk), *adapter))[0]
             outs.append(logits.numpy()[:real].copy())
         return np.concatenate(outs)
 

@@ -9,17 +9,15 @@ import numpy as np
 from edgepeft import names
 from edgepeft.bundle import OpenedBundle
 from edgepeft.data import Batch
-from edgepeft.errors import BackendError, DataError
 from edgepeft.runtime.backends._ort_import import training_api
+from edgepeft.runtime.backends.base import backend_entry, check_inputs
 
 
 class OrtTrainingBackend:
-    name = "ort-training"
+    name = names.BACKEND_ORT
 
     def __init__(self, bundle: OpenedBundle, *, threads: int | None = None):
-        if self.name not in bundle.manifest.backends:
-            raise BackendError(f"bundle {str(bundle.source)!r} has no ort-training artifacts; "
-                               f"it has {sorted(bundle.manifest.backends)}")
+        backend_entry(bundle, self.name, "ort-training artifacts")
         api = training_api()
         import onnxruntime as ort
 
@@ -47,9 +45,7 @@ class OrtTrainingBackend:
         else:  # inference through the eval graph: placeholder labels, the loss is ignored
             first = next(iter(batch.feeds.values()))
             feeds[names.LABELS_INPUT] = np.zeros(first.shape[:2] if self._causal else first.shape[:1], np.int64)
-        missing = [n for n in self._inputs if n not in feeds]
-        if missing:
-            raise DataError(f"batch lacks model inputs {missing}; the bundle takes {self._inputs}")
+        check_inputs(feeds, self._inputs)
         return [feeds[n] for n in self._inputs]
 
     def forward_backward(self, batch: Batch) -> tuple[float, dict[str, np.ndarray]]:

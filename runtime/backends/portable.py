@@ -11,21 +11,10 @@ import numpy as np
 from edgepeft import names
 from edgepeft.bundle import OpenedBundle
 from edgepeft.data import Batch
-from edgepeft.errors import BackendError, DataError
+from edgepeft.errors import BackendError
 from edgepeft.runtime.backends._ort_import import onnxruntime
-
-
-def cross_entropy(logits: np.ndarray, labels: np.ndarray) -> float:
-    """Mean cross-entropy over labelled positions (classes in the last axis), in float64."""
-    x = logits.reshape(-1, logits.shape[-1]).astype(np.float64)
-    y = labels.reshape(-1)
-    keep = y != names.IGNORE_INDEX
-    x, y = x[keep], y[keep]
-    if len(y) == 0:
-        return float("nan")
-    m = x.max(axis=1, keepdims=True)
-    logz = np.log(np.exp(x - m).sum(axis=1)) + m[:, 0]
-    return float(np.mean(logz - x[np.arange(len(y)), y]))
+from edgepeft.runtime.backends.base import backend_entry, check_inputs
+from edgepeft.runtime.losses import cross_entropy
 
 
 class PortableBackend:
@@ -33,9 +22,7 @@ class PortableBackend:
 
     def __init__(self, bundle: OpenedBundle, *, threads: int | None = None):
         m = bundle.manifest
-        if self.name not in m.backends:
-            raise BackendError(f"bundle {str(bundle.source)!r} has no portable gradient graph (it has "
-                               f"{sorted(m.backends)}); re-export it with the 'portable' backend")
+        entry = backend_entry(bundle, self.name, "portable gradient graph")
         ort = onnxruntime()
         opts = ort.SessionOptions()
         # The inference graph keeps adapter tensors as overridable initializers on purpose;
@@ -55,16 +42,14 @@ class PortableBackend:
         # the frozen base int8 in memory.
         self._session = lambda member: ort.InferenceSession(
             str(bundle.path(member)), opts, providers=["CPUExecutionProvider"], disabled_optimizers=["ConstantFolding"])
-        self._grad = self._session(m.backends[self.name]["gradient_model"])
+        self._grad = self._session(entry["gradient_model"])
         self._infer_session = None  # made on first evaluate/infer: training alone never pays for it
         self._trainable = m.trainable_names
         self._inputs = [i.name for i in m.inputs]
         self._params: dict[str, np.ndarray] = {}
 
     def _feeds(self, batch: Batch) -> dict[str, np.ndarray]:
-        missing = [n for n in self._inputs if n not in batch.feeds]
-        if missing:
-            raise DataError(f"batch lacks model inputs {missing}; the bundle takes {self._inputs}")
+        check_inputs(batch.feeds, self._inputs)
         if not self._params:
             raise BackendError("no adapter loaded")
         return {**{n: batch.feeds[n] for n in self._inputs}, **self._params}
