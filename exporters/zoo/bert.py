@@ -12,6 +12,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from edgepeft.exporters.peft.slots import ParallelSlot, PrefixSlot, PromptSlot, extend_mask
+from edgepeft.exporters.zoo.parts import LeanParts
 
 
 @dataclass(frozen=True)
@@ -138,15 +139,24 @@ class BertForSequenceClassification(nn.Module):
     def embed(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         """Mean-pooled sentence embedding (what all-MiniLM-L6-v2 was trained to produce);
         virtual prompt tokens, if any, are pooled with the text."""
-        x = self.embeddings(input_ids)
-        m = extend_mask(attention_mask, self.embeddings.n_prompt).to(torch.float32)
-        # Additive mask: padded keys get a large negative logit (finite, so no NaN on a fully
-        # padded row).
-        mask_bias = ((1.0 - m) * -1e4)[:, None, None, :]
+        x, mask_bias = self._pre(input_ids, attention_mask)
         for layer in self.encoder.layer:
             x = layer(x, mask_bias)
-        w = m.unsqueeze(-1)
+        return self._pool(x, attention_mask)
+
+    def _pre(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        m = extend_mask(attention_mask, self.embeddings.n_prompt).to(torch.float32)
+        return self.embeddings(input_ids), ((1.0 - m) * -1e4)[:, None, None, :]
+
+    def _pool(self, x: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        w = extend_mask(attention_mask, self.embeddings.n_prompt).to(torch.float32).unsqueeze(-1)
         return (x * w).sum(dim=1) / w.sum(dim=1).clamp(min=1e-9)
+
+    def _post(self, h: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        return self.classifier(self._pool(h, attention_mask))
+
+    def lean_parts(self) -> LeanParts:
+        return LeanParts(pre=self._pre, blocks=list(self.encoder.layer), post=self._post)
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         return self.classifier(self.embed(input_ids, attention_mask))

@@ -19,6 +19,7 @@ import torch.nn.functional as F
 
 from edgepeft.errors import ExportError, SpecError
 from edgepeft.exporters.peft.slots import ParallelSlot, PrefixSlot, PromptSlot, extend_mask
+from edgepeft.exporters.zoo.parts import LeanParts
 
 if TYPE_CHECKING:
     from edgepeft.exporters.zoo import ModelSource
@@ -167,8 +168,9 @@ class LlamaModel(nn.Module, PromptSlot):
         return max((int(layer.self_attn.prefix_key.shape[1]) for layer in self.layers
                     if layer.self_attn.prefix_key is not None), default=0)
 
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        """(B, T) ids and 0/1 mask -> hidden states (B, n_prompt + T, D)."""
+    def pre(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """(B, T) ids and 0/1 mask -> (embeddings (B, n_prompt + T, D), cos, sin, additive bias):
+        what every layer reads."""
         x = self.prepend_prompt(self.embed_tokens(input_ids))
         seq = x.shape[1]
         pos = torch.arange(seq, device=x.device).float()
@@ -183,8 +185,13 @@ class LlamaModel(nn.Module, PromptSlot):
         keys = extend_mask(attention_mask, self.n_prompt) > 0                   # (B, T)
         allowed = causal[None, None, :, :] & keys[:, None, None, :]             # (B, 1, T, T)
         bias = (1.0 - allowed.float()) * MASK_VALUE
+        return x, cos, sin, bias
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """(B, T) ids and 0/1 mask -> hidden states (B, n_prompt + T, D)."""
+        x, *ctx = self.pre(input_ids, attention_mask)
         for layer in self.layers:
-            x = layer(x, cos, sin, bias)
+            x = layer(x, *ctx)
         return self.norm(x)
 
 
@@ -206,11 +213,19 @@ class LlamaForCausalLM(nn.Module):
             self.lm_head.weight = self.model.embed_tokens.weight
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        h = self.model(input_ids, attention_mask)
+        return self.lm_head(self._text_positions(self.model(input_ids, attention_mask)))
+
+    def _text_positions(self, h: torch.Tensor) -> torch.Tensor:
         n = self.model.n_prompt
-        if n:  # virtual prompt positions produce no logits: output stays (B, T, V)
-            h = h[:, n:]
-        return self.lm_head(h)
+        return h[:, n:] if n else h  # virtual prompt positions produce no logits: output stays (B, T, V)
+
+    def _post(self, h: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        return self._text_positions(self.model.norm(h))
+
+    def lean_parts(self) -> LeanParts:
+        """Embeddings -> decoder layers -> final norm; the (tied) LM head runs in vocabulary
+        chunks on the device."""
+        return LeanParts(pre=self.model.pre, blocks=list(self.model.layers), post=self._post, head="lm_head.weight")
 
 
 # --- zoo factories -------------------------------------------------------------------------
