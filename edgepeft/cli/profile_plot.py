@@ -6,8 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from edgepeft.errors import SpecError
-
-MiB = 1 << 20
+from edgepeft.memory import MiB
 
 
 def plot_report(report: dict, out: Path) -> Path:
