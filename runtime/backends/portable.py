@@ -12,7 +12,7 @@ from edgepeft import names
 from edgepeft.bundle import OpenedBundle
 from edgepeft.data import Batch
 from edgepeft.errors import BackendError
-from edgepeft.runtime.backends._ort_import import onnxruntime
+from edgepeft.runtime.backends._ort_import import onnxruntime, session_options
 from edgepeft.runtime.backends.base import backend_entry, check_inputs
 from edgepeft.runtime.losses import cross_entropy
 
@@ -24,16 +24,10 @@ class PortableBackend:
         m = bundle.manifest
         entry = backend_entry(bundle, self.name, "portable gradient graph")
         ort = onnxruntime()
-        opts = ort.SessionOptions()
+        opts = session_options(ort, threads)
         # The inference graph keeps adapter tensors as overridable initializers on purpose;
         # ORT warns about each one at load.
         opts.log_severity_level = 3
-        # Memory patterns pre-plan one big block per input shape; batches here vary in length,
-        # and without them the MiniLM training peak fell 448 -> 306 MB at the same step time.
-        opts.enable_mem_pattern = False
-        if threads:
-            opts.intra_op_num_threads = threads
-            opts.inter_op_num_threads = 1
         # onnxruntime >= 1.20 may fuse DequantizeLinear + MatMul into an 8-bit kernel that also
         # quantizes activations; keep full-precision activations so training matches eager.
         opts.add_session_config_entry("session.qdq_matmulnbits_accuracy_level", "0")
