@@ -84,6 +84,21 @@ class _Call(nn.Module):
         return tuple(self.gm(*args))
 
 
+class _LinearAsMatmul(torch.overrides.TorchFunctionMode):
+    """``F.linear`` with a bias on a 3-D input flattens it with concrete sizes (C++
+    ``_flatten_nd_linear``), which would fix the batch and sequence length of a traced graph;
+    matmul + add keeps them symbolic."""
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func is torch.nn.functional.linear:
+            x, w, *rest = args
+            b = rest[0] if rest else kwargs.get("bias")
+            y = torch.matmul(x, w.t())
+            return y if b is None else y + b
+        return func(*args, **kwargs)
+
+
 def _trace_to_onnx(fn: Callable, args: list[torch.Tensor], in_names: list[str], out_names: list[str],
                    dyn: list[dict[int, str] | None], n_extra: int, path: Path) -> onnx.ModelProto:
     from torch._decomp import core_aten_decompositions
@@ -92,8 +107,9 @@ def _trace_to_onnx(fn: Callable, args: list[torch.Tensor], in_names: list[str], 
     from edgepeft.exporters.joint_graph import replace_unexportable
 
     # Buffers (rotary tables) are constants of the graph: real tensors inside a symbolic trace.
-    gm = make_fx(fn, decomposition_table=core_aten_decompositions(), tracing_mode="symbolic",
-                 _allow_non_fake_inputs=True)(*args)
+    with _LinearAsMatmul():
+        gm = make_fx(fn, decomposition_table=core_aten_decompositions(), tracing_mode="symbolic",
+                     _allow_non_fake_inputs=True)(*args)
     replace_unexportable(gm)
     seq = torch.export.Dim("seq", min=1, max=1 << 16)
     # The blocks' sequence (prompt tokens included) is the input's plus a constant.

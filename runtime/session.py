@@ -21,6 +21,7 @@ from edgepeft.manifest import Manifest
 from edgepeft.memory import parse_size
 from edgepeft.optim import Optimizer, OptimizerSpec
 from edgepeft.runtime.backends import Backend, make_backend
+from edgepeft.runtime.backends.base import eval_predictions
 from edgepeft.runtime.batching import accumulate
 from edgepeft.runtime.budget import MemoryBudget, static_bytes
 
@@ -285,11 +286,11 @@ class Session:
         with self.budget.phase("evaluate"):
             for batch in batches:
                 b = self._as_batch(batch, need_labels=True)
-                loss, logits = self.backend.eval_step(b)
+                loss, pred = eval_predictions(self.backend, b)
                 valid = b.labels != names.IGNORE_INDEX
                 count = int(valid.sum())
                 total_loss += loss * count
-                correct += int(((logits.argmax(axis=-1) == b.labels) & valid).sum())
+                correct += int(((pred == b.labels) & valid).sum())
                 n += count
         if n == 0:
             raise DataError("evaluate() got no batches")

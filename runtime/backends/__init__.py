@@ -12,13 +12,13 @@ from edgepeft.errors import BackendError
 from edgepeft.runtime.backends._ort_import import has_training_build
 from edgepeft.runtime.backends.base import Backend
 
-BACKENDS = (names.BACKEND_ORT, names.BACKEND_PORTABLE, names.BACKEND_EXECUTORCH)
+BACKENDS = (names.BACKEND_ORT, names.BACKEND_PORTABLE, names.BACKEND_LEAN, names.BACKEND_EXECUTORCH)
 
 
 def available(name: str) -> bool:
     if name == names.BACKEND_ORT:
         return has_training_build()
-    if name == names.BACKEND_PORTABLE:
+    if name in (names.BACKEND_PORTABLE, names.BACKEND_LEAN):
         return importlib.util.find_spec("onnxruntime") is not None
     if name == names.BACKEND_EXECUTORCH:
         # The backend module imports torch only when a backend is built.
@@ -55,6 +55,10 @@ def make_backend(name: str, bundle: OpenedBundle, *, threads: int | None,
         from edgepeft.runtime.backends.portable import PortableBackend
 
         return PortableBackend(bundle, threads=threads)
+    if name == names.BACKEND_LEAN:
+        from edgepeft.runtime.backends.lean import LeanBackend
+
+        return LeanBackend(bundle, threads=threads)
     if name == names.BACKEND_EXECUTORCH:
         from edgepeft.runtime.backends.executorch import ExecutorchBackend
 

@@ -51,3 +51,14 @@ def check_inputs(feeds: Mapping[str, np.ndarray], inputs: Sequence[str]) -> None
     missing = [n for n in inputs if n not in feeds]
     if missing:
         raise DataError(f"batch lacks model inputs {missing}; the bundle takes {list(inputs)}")
+
+
+def eval_predictions(backend: Backend, batch) -> tuple[float, np.ndarray]:
+    """Loss and top-1 prediction per position. A backend may provide ``eval_predictions`` itself
+    (the lean backend does, so that a causal LM's full logits never exist); others go through
+    ``eval_step``'s logits."""
+    own = getattr(backend, "eval_predictions", None)
+    if own is not None:
+        return own(batch)
+    loss, logits = backend.eval_step(batch)
+    return loss, logits.argmax(axis=-1)
