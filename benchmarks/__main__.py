@@ -11,18 +11,20 @@ import sys
 
 # Table 2 (accuracy) first; the timing comparisons after it, so they run as late as possible.
 MODULES = ("table2", "sizes", "export_time", "swap", "train_step")
+# Run by name only (real LLMs, minutes each): python -m benchmarks llm_memory --model smollm2-135m
+BY_NAME = ("llm_memory",)
 
 
 def main(argv: list[str]) -> None:
     if argv and argv[0] in ("-h", "--help"):
         print(__doc__)
-        print("benchmarks:", ", ".join(MODULES), "(python -m benchmarks NAME --help for options)")
+        print("benchmarks:", ", ".join(MODULES + BY_NAME), "(python -m benchmarks NAME --help for options)")
         return
-    if argv and argv[0] in MODULES:
+    if argv and argv[0] in MODULES + BY_NAME:
         importlib.import_module(f"benchmarks.{argv[0]}").main(argv[1:])
         return
     if argv and not argv[0].startswith("-"):
-        sys.exit(f"unknown benchmark {argv[0]!r}; benchmarks: {', '.join(MODULES)}")
+        sys.exit(f"unknown benchmark {argv[0]!r}; benchmarks: {', '.join(MODULES + BY_NAME)}")
     for name in MODULES:  # shared options (e.g. --tiny, --out) go to every module
         print(f"== {name}", flush=True)
         importlib.import_module(f"benchmarks.{name}").main(list(argv))

@@ -390,3 +390,18 @@ def _write_plan(c: _Ctx, plan: dict) -> dict[str, Path]:
     members = {PLAN_MEMBER, WEIGHTS_MEMBER, *(g[k] for g in [plan["pre"], plan["post"], *plan["graphs"].values()]
                                               for k in ("fwd", "vjp") if g.get(k))}
     return {m: c.tmp / m for m in sorted(members)}
+
+
+def build_target(injected, forward, tmp: Path):
+    """The lean backend's ``BackendTarget`` (export pipeline builder: see exporters.targets)."""
+    from edgepeft.exporters.stages import BackendTarget
+
+    model = injected.model
+    if not has_parts(model):
+        raise ExportError(f"{injected.plan.source.name!r} declares no lean parts (a `lean_parts()` method "
+                          "returning edgepeft.exporters.zoo.parts.LeanParts: embeddings, blocks, suffix); the "
+                          "zoo's transformers have them. Use the portable or ort-training backend for this model")
+    (tmp / "lean").mkdir(parents=True, exist_ok=True)
+    files = build(model, injected.example_inputs, injected.dynamic_axes, injected.trainable_names,
+                  injected.quantized, injected.plan.causal, injected.plan.source.max_length, tmp)
+    return BackendTarget(names.BACKEND_LEAN, {"plan": PLAN_MEMBER, "weights": WEIGHTS_MEMBER}, files)
