@@ -4,9 +4,9 @@ lowered to XNNPACK, both over the int8 frozen base.
 
 How: the injected model is wrapped so that its frozen weights are int8 + per-row scale buffers
 dequantized in forward (the hand-written route: no torchao tensor subclasses, no operator
-workarounds), the loss is the portable graph's masked cross-entropy (``gradient_graph``), and
-``torch.export`` -> ``_export_forward_backward`` -> ``to_edge`` -> ``to_executorch`` builds
-the program. The batch size is fixed at export (ExecuTorch plans memory for it); the runtime
+workarounds), the loss is the masked cross-entropy the portable graph also uses, and
+``torch.export`` -> ``joint_graph.joint_forward_backward`` -> ``to_edge`` -> ``to_executorch``
+builds the program. The batch size is fixed at export (ExecuTorch plans memory for it); the runtime
 pads a smaller batch with ignored labels and splits a larger one."""
 from __future__ import annotations
 
@@ -21,10 +21,9 @@ import torch.nn as nn
 
 from edgepeft import names
 from edgepeft.errors import ExportError
-from edgepeft.exporters.gradient_graph import _canonical_names, _replace_unexportable, _WithLoss
+from edgepeft.exporters.joint_graph import SEP, WithLoss, canonical_names, joint_forward_backward
 from edgepeft.exporters.quantize import QuantizedTensor
-
-_SEP = "__"  # buffer names cannot hold dots
+from edgepeft.exporters.stages import InjectedModel
 
 
 @dataclass(frozen=True)
@@ -43,7 +42,7 @@ class _Int8Base(nn.Module):
 
     def __init__(self, model: nn.Module, quantized: dict[str, QuantizedTensor], drop: Sequence[str] = ()):
         super().__init__()
-        canonical = _canonical_names(model)
+        canonical = canonical_names(model)
         self.aliases: dict[str, list[str]] = {}
         for name in [*quantized, *drop]:
             # Tied weights (an LM head sharing the embedding table) have several names: all go.
@@ -58,14 +57,14 @@ class _Int8Base(nn.Module):
         self.m = model
         self.quantized = list(quantized)
         for name, qt in quantized.items():
-            attr = name.replace(".", _SEP)
+            attr = name.replace(".", SEP)
             self.register_buffer(attr + names.Q_SUFFIX, torch.from_numpy(qt.q.copy()))
             self.register_buffer(attr + names.SCALE_SUFFIX, torch.from_numpy(qt.scale.copy()))
 
     def forward(self, *inputs: torch.Tensor, extra: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
         state: dict[str, torch.Tensor] = {}
         for name in self.quantized:
-            attr = name.replace(".", _SEP)
+            attr = name.replace(".", SEP)
             q = getattr(self, attr + names.Q_SUFFIX)
             scale = getattr(self, attr + names.SCALE_SUFFIX)
             w = q.to(torch.float32) * scale.reshape(-1, *[1] * (q.dim() - 1))
@@ -144,56 +143,63 @@ def _batch_of(t: torch.Tensor, batch: int) -> torch.Tensor:
     return t.repeat(reps, *[1] * (t.dim() - 1))[:batch].contiguous()
 
 
-def build(model: nn.Module, example_inputs: dict[str, torch.Tensor], labels: torch.Tensor,
-          dynamic_axes: dict[str, dict[int, str]], trainable: list[str], causal: bool,
-          quantized: dict[str, QuantizedTensor], max_length: int, batch_size: int, *, what: str) -> Programs:
-    """Both programs for ``model`` (the injected eager model; left untouched), each run once
-    on the ExecuTorch runtime against eager PyTorch before it goes into a bundle. ``what``
-    names the model and methods in errors."""
-    import torch.export.experimental  # noqa: F401  (registers _export_forward_backward)
-    from executorch.exir import to_edge, to_edge_transform_and_lower
-    from executorch.backends.xnnpack.partition.xnnpack_partitioner import XnnpackPartitioner
-
-    seq = torch.export.Dim("seq", min=1, max=max_length)
-    inputs = tuple(_batch_of(v, batch_size) for v in example_inputs.values())
-    y = _batch_of(labels, batch_size)
+def build(injected: InjectedModel, *, batch_size: int) -> Programs:
+    """Both programs for ``injected`` (its model is left untouched) at ``batch_size`` rows, each
+    run once on the ExecuTorch runtime against eager PyTorch before it goes into a bundle."""
+    inputs = tuple(_batch_of(v, batch_size) for v in injected.example_inputs.values())
+    y = _batch_of(injected.example_labels(), batch_size)
     # The batch is fixed; sequences keep their symbolic length where the model declares one.
-    in_shapes = tuple({a: seq for a, n in dynamic_axes.get(k, {}).items() if n == "seq"} or None
-                      for k in example_inputs)
-    label_shape = {1: seq} if causal and any(in_shapes) else None
+    seq = torch.export.Dim("seq", min=1, max=injected.plan.source.max_length)
+    in_shapes = tuple({a: seq for a, n in injected.dynamic_axes.get(k, {}).items() if n == "seq"} or None
+                      for k in injected.example_inputs)
+    label_shape = {1: seq} if injected.plan.causal and any(in_shapes) else None
+    loss_model = _loss_model(injected)
+    training = _training_program(injected, loss_model, (*inputs, y), (*in_shapes, label_shape))
+    inf = _Inference(_Int8Base(copy.deepcopy(injected.model), injected.quantized, drop=injected.trainable_names),
+                     injected.trainable_names, len(inputs)).eval()
+    params = dict(loss_model.named_parameters())
+    adapter = tuple(params[names.EXECUTORCH_PARAM_PREFIX + n].detach().clone() for n in injected.trainable_names)
+    inference = _inference_program(injected, inf, (*inputs, *adapter), (*in_shapes, *[None] * len(adapter)))
+    _check(training, inference, loss_model, inf, inputs, y, injected.trainable_names, adapter, injected.plan.what)
+    return Programs(training, inference, batch_size)
 
-    loss_model = _WithLoss(_Int8Base(copy.deepcopy(model), quantized), causal)
-    # Only the adapter tensors get gradients (and become the program's parameters).
+
+def _loss_model(injected: InjectedModel) -> WithLoss:
+    """The int8-base model with its loss, where only the adapter tensors require grad (and so
+    become the training program's parameters)."""
+    loss_model = WithLoss(_Int8Base(copy.deepcopy(injected.model), injected.quantized), injected.plan.causal)
     params = dict(loss_model.named_parameters())
     for p in params.values():
         p.requires_grad_(False)
-    for name in trainable:
+    for name in injected.trainable_names:
         params[names.EXECUTORCH_PARAM_PREFIX + name].requires_grad_(True)
-    with _stage(what, "training program"):
-        ep = _export(loss_model, (*inputs, y), (*in_shapes, label_shape))
-        joint = torch.export.experimental._export_forward_backward(ep, joint_loss_index=0)
-        _replace_unexportable(joint.graph_module)  # empty_permuted is not core ATen
+    return loss_model
+
+
+def _training_program(injected: InjectedModel, loss_model: WithLoss, args: tuple, shapes: tuple) -> bytes:
+    from executorch.exir import to_edge
+
+    with _stage(injected.plan.what, "training program"):
+        joint = joint_forward_backward(_export(loss_model, args, shapes))
         _slice_negative_pads(joint.graph_module)
         _split_addmm(joint.graph_module)
-        training = to_edge(joint).to_executorch().buffer
+        return to_edge(joint).to_executorch().buffer
 
-    inf = _Inference(_Int8Base(copy.deepcopy(model), quantized, drop=trainable), trainable, len(inputs)).eval()
-    adapter = tuple(params[names.EXECUTORCH_PARAM_PREFIX + n].detach().clone() for n in trainable)
-    with _stage(what, "inference program"):
-        ep = _export(inf, (*inputs, *adapter), (*in_shapes, *[None] * len(adapter)))
-        lowered = to_edge_transform_and_lower(ep, partitioner=[XnnpackPartitioner()])
+
+def _inference_program(injected: InjectedModel, inf: nn.Module, args: tuple, shapes: tuple) -> bytes:
+    from executorch.backends.xnnpack.partition.xnnpack_partitioner import XnnpackPartitioner
+    from executorch.exir import to_edge_transform_and_lower
+    from executorch.exir.dialects._ops import ops as exir_ops
+
+    with _stage(injected.plan.what, "inference program"):
+        lowered = to_edge_transform_and_lower(_export(inf, args, shapes), partitioner=[XnnpackPartitioner()])
         # XNNPACK takes linears whose weights are constants; those fed adapter tensors or
         # dequantized int8 weights stay on ExecuTorch's kernels as addmm, a plain loop (MiniLM,
         # 8 x 128 tokens: 47 s per batch): split those after lowering. (Splitting before
         # lowering hands XNNPACK mm's with run-time weights, whose programs crashed.)
-        from executorch.exir.dialects._ops import ops as exir_ops
-
         edge = exir_ops.edge.aten
         _split_addmm(lowered.exported_program().graph_module, (edge.addmm.default, edge.mm.default, edge.add.Tensor))
-        inference = lowered.to_executorch().buffer
-
-    _check(training, inference, loss_model, inf, inputs, y, trainable, adapter, what)
-    return Programs(training, inference, batch_size)
+        return lowered.to_executorch().buffer
 
 
 def _export(module: nn.Module, args: tuple, shapes: tuple):

@@ -1,15 +1,53 @@
-"""Rewrites of the exported ONNX forward graph: int8 frozen weights, ORT-trainable LayerNorm,
-and overridable adapter inputs for the inference model."""
+"""The exported ONNX forward graph and its rewrites: int8 frozen weights, ORT-trainable
+LayerNorm, and overridable adapter inputs for the inference model."""
 from __future__ import annotations
 
-import onnx
-from onnx import TensorProto, helper, numpy_helper
+import warnings
+from pathlib import Path
 
 import numpy as np
+import onnx
+import torch
+import torch.nn as nn
+from onnx import TensorProto, helper, numpy_helper
 
 from edgepeft import names
 from edgepeft.errors import ExportError
 from edgepeft.exporters.quantize import QuantizedTensor
+from edgepeft.exporters.zoo import ModelSource
+
+OPSET = 17  # >= 17 for LayerNormalization; its missing outputs are added by add_layernorm_stats
+
+
+def torch_to_onnx(model: nn.Module, src: ModelSource, path: Path) -> onnx.ModelProto:
+    """``model`` (``src``'s model, injected) as an ONNX forward graph at ``path``, whose
+    parameters are named initializers (graph inputs: the model inputs only)."""
+    axes = dict(src.dynamic_axes)
+    axes[names.LOGITS_OUTPUT] = {0: "batch", 1: "seq"} if src.task == "causal-lm" else {0: "batch"}
+    try:
+        with warnings.catch_warnings():
+            # Tracer notes on fixed sizes (prompt length, prefix rows) are expected: they are
+            # constants of the exported graph by design.
+            warnings.simplefilter("ignore", torch.jit.TracerWarning)
+            warnings.filterwarnings("ignore", message="Constant folding", category=UserWarning)
+            torch.onnx.export(
+                model, tuple(src.example_inputs.values()), str(path), dynamo=False, opset_version=OPSET,
+                # No folding and no training-mode rewrites: parameters must reach ONNX as named
+                # initializers so the trainable ones can be found by name.
+                do_constant_folding=False, training=torch.onnx.TrainingMode.EVAL,
+                # Initializers as inputs also turns off the pass that merges equal-valued
+                # initializers (every zero-initialised lora_B would collapse into one).
+                keep_initializers_as_inputs=True,
+                input_names=list(src.example_inputs), output_names=[names.LOGITS_OUTPUT], dynamic_axes=axes,
+            )
+    except Exception as e:  # torch raises many types; the user needs to know export failed here
+        raise ExportError(f"torch.onnx.export failed for {src.name!r}: {type(e).__name__}: {e}") from e
+    m = onnx.load(str(path))
+    inits = {i.name for i in m.graph.initializer}
+    kept = [i for i in m.graph.input if i.name not in inits]
+    del m.graph.input[:]
+    m.graph.input.extend(kept)
+    return m
 
 
 def _consumers(graph: onnx.GraphProto, name: str) -> list[onnx.NodeProto]:

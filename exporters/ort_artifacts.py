@@ -51,8 +51,12 @@ def _loss_block(loss: str):
             g.node.append(onnx.helper.make_node("Transpose", [logits_name], [t], perm=[0, 2, 1],
                                                 name="causal_lm/transpose"))
             out = "causal_lm/loss"
-            g.node.append(onnx.helper.make_node("SoftmaxCrossEntropyLoss", [t, names.LABELS_INPUT], [out],
-                                                reduction="mean", ignore_index=names.IGNORE_INDEX, name="causal_lm/sce"))
+            # The log_prob output is declared, as ORT's own CrossEntropyLoss block does: its
+            # gradient reads it, and ORT's pass that adds it when missing skips some graphs
+            # (a plain embedding + linear LM failed in the gradient builder without it).
+            g.node.append(onnx.helper.make_node("SoftmaxCrossEntropyLoss", [t, names.LABELS_INPUT],
+                                                [out, t + "_log_prob"], reduction="mean",
+                                                ignore_index=names.IGNORE_INDEX, name="causal_lm/sce"))
             return out
 
     if loss == "causal_lm":

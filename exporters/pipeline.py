@@ -1,0 +1,196 @@
+"""The export, stage by stage (``export_bundle`` runs them in this order):
+
+    plan = validate_plan(model, example_inputs, methods, options)      -> ExportPlan
+    injected = inject_and_quantize(plan)                                -> InjectedModel
+    forward = export_forward(injected, tmp)                             -> ForwardGraph
+    targets = build_targets(injected, forward, tmp)                     -> {backend: BackendTarget}
+    manifest = build_manifest(injected, forward, targets)               -> Manifest
+    manifest = write_bundle(out, manifest, injected=..., targets=..., tmp=...)
+
+Each stage takes the previous stages' records (``edgepeft.exporters.stages``) and nothing else."""
+from __future__ import annotations
+
+import copy
+import warnings
+from pathlib import Path
+from typing import Mapping, Sequence
+
+import onnx
+import torch
+import torch.nn as nn
+
+import edgepeft
+from edgepeft import bundle, names
+from edgepeft.adapters import AdapterStore
+from edgepeft.errors import ExportError, SpecError
+from edgepeft.exporters import onnx_graph
+from edgepeft.exporters.memory_card import memory_card
+from edgepeft.exporters.options import CAUSAL_LM, LOSSES, TASKS, ExportOptions
+from edgepeft.exporters.peft import InjectContext, inject
+from edgepeft.exporters.peft_import import load_peft_adapter
+from edgepeft.exporters.quantize import quantize_frozen
+from edgepeft.exporters.stages import BackendTarget, ExportPlan, ForwardGraph, InjectedModel
+from edgepeft.exporters.targets import BEST_EFFORT, BUILDERS, build_inference
+from edgepeft.exporters.zoo import ModelSource, state_sha256
+from edgepeft.manifest import IOInfo, Manifest, TensorInfo
+from edgepeft.specs import MethodSpec
+
+_DTYPES = {torch.int64: "int64", torch.int32: "int32", torch.float32: "float32"}
+
+
+# -- 1. plan -----------------------------------------------------------------------------------
+def validate_plan(model: nn.Module | ModelSource, example_inputs: Mapping[str, torch.Tensor] | None,
+                  methods: Sequence[MethodSpec], options: ExportOptions) -> ExportPlan:
+    """Check that the model, its task and the options fit together; nothing is exported yet."""
+    if isinstance(model, ModelSource):
+        src = model
+        shape = _output_shape(src.model, src.example_inputs)
+    else:
+        if example_inputs is None:
+            raise SpecError("`example_inputs` is required with a plain nn.Module: {input name: example tensor}")
+        shape = _output_shape(model, example_inputs)
+        src = _plain_source(model, dict(example_inputs), shape, options)
+    if src.task not in LOSSES:
+        raise SpecError(f"model task {src.task!r} is not supported; tasks: {sorted(LOSSES)}")
+    loss = options.loss or LOSSES[src.task]
+    if loss != LOSSES[src.task]:
+        raise SpecError(f"`loss` {loss!r} does not fit the model's task {src.task!r} (use {LOSSES[src.task]!r})")
+    return ExportPlan(src, tuple(methods), options, loss, shape[-1])
+
+
+def _plain_source(model: nn.Module, example_inputs: dict[str, torch.Tensor], shape: tuple[int, ...],
+                  options: ExportOptions) -> ModelSource:
+    """A ModelSource for a user's nn.Module whose output has ``shape``; ``options.loss`` chooses
+    its task (cross_entropy: classification, causal_lm: next-token prediction)."""
+    task = TASKS[options.loss or "cross_entropy"]
+    first = next(iter(example_inputs.values()))
+    if task == CAUSAL_LM and (len(shape) != 3 or shape[:2] != tuple(first.shape[:2])):
+        raise ExportError(f"for causal_lm the model must return logits of shape (batch, seq, vocab) over its "
+                          f"(batch, seq) token ids {tuple(first.shape)}, got {shape}")
+    if task != CAUSAL_LM and len(shape) != 2:
+        raise ExportError("the model must return logits of shape (batch, num_labels) for cross_entropy "
+                          "(for (batch, seq, vocab) next-token logits, export with loss='causal_lm')")
+    labels = options.labels or (() if task == CAUSAL_LM else tuple(str(i) for i in range(shape[1])))
+    axes = options.dynamic_axes or {k: _default_axes(v, task) for k, v in example_inputs.items()}
+    return ModelSource(options.name or type(model).__name__, model, example_inputs, labels,
+                       tokenizer_json=options.tokenizer_json, max_length=options.max_length, task=task,
+                       dynamic_axes=axes)
+
+
+def _default_axes(example: torch.Tensor, task: str) -> dict[int, str]:
+    """The batch axis; for a causal LM also the sequence axis of (batch, seq) inputs."""
+    return {0: "batch", 1: "seq"} if task == CAUSAL_LM and example.dim() >= 2 else {0: "batch"}
+
+
+def _output_shape(model: nn.Module, example_inputs: Mapping[str, torch.Tensor]) -> tuple[int, ...]:
+    with torch.no_grad():
+        y = model(*example_inputs.values())
+    if not isinstance(y, torch.Tensor):
+        raise ExportError(f"the model must return one logits tensor, got {type(y).__name__}")
+    return tuple(y.shape)
+
+
+# -- 2. inject and quantize ----------------------------------------------------------------------
+def inject_and_quantize(plan: ExportPlan) -> InjectedModel:
+    """A copy of the model (the caller's is never touched) with the methods injected, the
+    initial adapter loaded, and the frozen weights quantized when the options say so."""
+    src = plan.source
+    source_hash = state_sha256(src.model)
+    ref = copy.deepcopy(src.model).eval()
+    base_params = sum(p.numel() for p in ref.parameters())
+    trainables = inject(ref, plan.methods, InjectContext(tokenizer_json=src.tokenizer_json))
+    if plan.options.init_adapter is not None:
+        load_peft_adapter(plan.options.init_adapter, trainables, list(plan.methods))
+    trainable = {t.name for t in trainables}
+    quantized = quantize_frozen(ref, trainable) if plan.options.quant == "int8" else {}
+    return InjectedModel(plan, ref, tuple(trainables), quantized, source_hash, base_params)
+
+
+# -- 3. forward graph --------------------------------------------------------------------------
+def export_forward(injected: InjectedModel, tmp: Path) -> ForwardGraph:
+    """The ONNX forward graph every target starts from (int8 frozen weights, LayerNorm outputs
+    ORT's gradient builder needs) and the memory card measured on it."""
+    src, trainable = injected.plan.source, injected.trainable_names
+    forward = onnx_graph.torch_to_onnx(injected.model, src, tmp / "forward.onnx")
+    inits = {i.name for i in forward.graph.initializer}
+    lost = [n for n in trainable if n not in inits]
+    if lost:
+        raise ExportError(f"the exported graph lost the names of trainable tensors {lost[:5]}; "
+                          "they must reach ONNX as named initializers")
+    onnx_graph.apply_int8(forward, injected.quantized)
+    onnx_graph.add_layernorm_stats(forward)
+    onnx.checker.check_model(forward)
+    card = memory_card(injected.model, forward, trainable, src.example_inputs, src.dynamic_axes, src.max_length,
+                       injected.plan.causal)
+    frozen = sorted({i.name for i in forward.graph.initializer} - set(trainable))
+    return ForwardGraph(forward, tuple(frozen), card)
+
+
+# -- 4. targets --------------------------------------------------------------------------------
+def build_targets(injected: InjectedModel, forward: ForwardGraph, tmp: Path) -> dict[str, BackendTarget]:
+    """The inference model, then each asked-for backend's target, in ``BUILDERS`` order."""
+    targets = {t.name: t for t in [build_inference(injected, forward, tmp)]}
+    plan = injected.plan
+    for name, builder in BUILDERS.items():
+        if name not in plan.backends:
+            continue
+        try:
+            targets[name] = builder(injected, forward, tmp)
+        except ExportError as e:
+            if not (plan.options.best_effort and name in BEST_EFFORT):
+                raise
+            # stacklevel 3: the warning points at export_bundle's caller.
+            warnings.warn(f"the bundle has no {name} backend: {str(e).splitlines()[0][:300]}", stacklevel=3)
+    return targets
+
+
+# -- 5. manifest -------------------------------------------------------------------------------
+def build_manifest(injected: InjectedModel, forward: ForwardGraph, targets: Mapping[str, BackendTarget]) -> Manifest:
+    """The manifest of the bundle (its ``members`` are filled in when it is written)."""
+    plan, src, quantized = injected.plan, injected.plan.source, injected.quantized
+    out_shape = ("batch", len(src.labels)) if not plan.causal else ("batch", "seq", plan.output_width)
+    return Manifest(
+        schema_version=names.SCHEMA_VERSION,
+        sdk_version=edgepeft.__version__,
+        model_name=src.name,
+        model_sha256=injected.source_sha256,
+        task=src.task,
+        loss=plan.loss,
+        methods=plan.methods,
+        trainable=tuple(TensorInfo(t.name, t.peft_key, tuple(t.param.shape), t.method) for t in injected.trainables),
+        inputs=tuple(IOInfo(k, _DTYPES.get(v.dtype, str(v.dtype)),
+                            tuple(src.dynamic_axes.get(k, {}).get(i, d) for i, d in enumerate(v.shape)))
+                     for k, v in src.example_inputs.items()),
+        outputs=(IOInfo(names.LOGITS_OUTPUT, "float32", out_shape),),
+        labels=tuple(src.labels),
+        max_length=src.max_length,
+        quantization={
+            "scheme": "int8-symmetric-per-row" if quantized else "none",
+            "tensors": sorted(quantized),
+            "params": int(sum(q.q.size for q in quantized.values())),
+            "int8_bytes": int(sum(q.q.nbytes + q.scale.nbytes for q in quantized.values())),
+            "fp32_bytes": int(sum(q.q.size * 4 for q in quantized.values())),
+        },
+        base_params=injected.base_params,
+        backends={name: dict(t.entry) for name, t in targets.items()},
+        memory=forward.memory_card,
+    )
+
+
+# -- 6. write ----------------------------------------------------------------------------------
+def write_bundle(out: Path, manifest: Manifest, *, injected: InjectedModel,
+                 targets: Mapping[str, BackendTarget], tmp: Path) -> Manifest:
+    """The bundle file ``out``: the targets' files, the tokenizer and the initial adapter,
+    signed when the options carry a key. Returns the manifest as written (with members)."""
+    files: dict[str, Path] = {}
+    for target in targets.values():
+        files.update(target.files)
+    src = injected.plan.source
+    if src.tokenizer_json is not None:
+        (tmp / names.TOKENIZER).write_text(src.tokenizer_json)
+        files[names.TOKENIZER] = tmp / names.TOKENIZER
+    store = AdapterStore(tmp / "adapters", manifest)
+    folder = store.save("initial", {t.name: t.param.detach().numpy() for t in injected.trainables}, meta={"steps": 0})
+    for f in folder.iterdir():
+        files[f"{names.INITIAL_ADAPTER_DIR}/{f.name}"] = f
+    return bundle.write_bundle(out, manifest, files, sign_key=injected.plan.options.sign_key)
