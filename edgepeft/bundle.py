@@ -32,8 +32,7 @@ MAX_ENTRIES = 10_000
 # Weights and graphs compress a few times at most; far more is a zip bomb. Checked only on
 # large members, since small ones (e.g. an all-zero LoRA B) may legitimately compress to nothing.
 MAX_RATIO, RATIO_FLOOR = 200, 16 << 20
-# The signature member (edgepeft.signing); the one member the manifest cannot list.
-SIGNATURE_MEMBER = "manifest.sig"
+SIGNATURE_MEMBER = names.SIGNATURE_MEMBER  # defined in names, so signing need not import bundle
 _SAFE_NAME = re.compile(r"^[A-Za-z0-9_.+-]+(/[A-Za-z0-9_.+-]+)*$")
 _SHA256 = re.compile(r"^[0-9a-f]{64}$")
 # Everything the zip module raises on a damaged file (zlib.error, struct.error are not

@@ -8,6 +8,9 @@ MANIFEST = "manifest.json"
 TOKENIZER = "tokenizer.json"
 INFERENCE_MODEL = "inference.onnx"
 INITIAL_ADAPTER_DIR = "adapters/initial"
+# The ed25519 signature over manifest.json (edgepeft.signing): the one member the manifest
+# cannot list.
+SIGNATURE_MEMBER = "manifest.sig"
 
 # ONNX Runtime training artifacts, under ort/ in the bundle.
 ORT_DIR = "ort"

@@ -22,9 +22,9 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
-from edgepeft.bundle import SIGNATURE_MEMBER
 from edgepeft.errors import SignatureError, SpecError
 from edgepeft.fsutil import atomic_write_bytes
+from edgepeft.names import SIGNATURE_MEMBER
 
 __all__ = ["SIGNATURE_MEMBER", "generate_key", "key_id", "load_private_key", "load_public_key", "sign_manifest",
            "trusted", "verify_manifest"]
