@@ -59,7 +59,7 @@ def main(argv: list[str] | None = None) -> Path:
 
     ap = argparse.ArgumentParser(prog="python -m benchmarks sizes")
     ap.add_argument("--tiny", action="store_true")
-    ap.add_argument("--methods", nargs="+", default=["lora", "adapter", "prefix", "prompt", "bitfit"],
+    ap.add_argument("--methods", nargs="+", default=["lora", "bottleneck", "prefix", "prompt", "bitfit"],
                     help="methods on the text model (LoRA is always also exported with an fp32 base)")
     ap.add_argument("--no-image", action="store_true", help="skip the image model")
     ap.add_argument("--out", type=Path, default=RESULTS)

@@ -27,15 +27,15 @@ import numpy as np
 from benchmarks.common import RESULTS, THREADS, work, Run, md_table, plt, set_threads
 
 NAME = "table2"
-METHODS = ("full", "adapter", "lora", "prefix", "prompt", "bitfit")
-LABEL = {"full": "full fine-tuning", "adapter": "bottleneck adapters (Houlsby)", "lora": "LoRA",
+METHODS = ("full", "bottleneck", "lora", "prefix", "prompt", "bitfit")
+LABEL = {"full": "full fine-tuning", "bottleneck": "bottleneck adapters (Houlsby)", "lora": "LoRA",
          "prefix": "prefix tuning", "prompt": "prompt tuning", "bitfit": "BitFit"}
 # The survey's Table 2: accuracy relative to full fine-tuning (%), trainable parameters (% of base).
-SURVEY = {"full": (100, "100"), "adapter": (98, "3-5"), "lora": (98, "0.5-1"), "prefix": (95, "0.1-0.3"),
+SURVEY = {"full": (100, "100"), "bottleneck": (98, "3-5"), "lora": (98, "0.5-1"), "prefix": (95, "0.1-0.3"),
           "prompt": (92, "0.01-0.1"), "bitfit": (94, "0.01-0.1")}
 # Three learning rates per method (the same search budget for all), each grid where that
 # method's literature trains: full fine-tuning low, soft prompts high.
-LRS = {"full": (3e-5, 1e-4, 3e-4), "adapter": (1e-3, 3e-3, 1e-2), "lora": (1e-3, 3e-3, 1e-2),
+LRS = {"full": (3e-5, 1e-4, 3e-4), "bottleneck": (1e-3, 3e-3, 1e-2), "lora": (1e-3, 3e-3, 1e-2),
        "bitfit": (1e-3, 3e-3, 1e-2), "prefix": (3e-3, 1e-2, 3e-2), "prompt": (3e-3, 1e-2, 3e-2)}
 
 
@@ -62,7 +62,7 @@ def specs(method: str, t: Task) -> list:
 
     head = SelectiveSpec(modules=(t.head,))
     return {
-        "adapter": lambda: [BottleneckSpec(kind="houlsby", size=t.adapter_size), head],
+        "bottleneck": lambda: [BottleneckSpec(kind="houlsby", size=t.adapter_size), head],
         "lora": lambda: [LoraSpec(rank=8, alpha=16, targets=t.lora_targets, modules_to_save=(t.head,))],
         "prefix": lambda: [PrefixSpec(n_tokens=t.n_tokens), head],
         "prompt": lambda: [PromptSpec(n_tokens=t.n_tokens, init="text", init_text="the topic of this news article is"),
@@ -341,7 +341,7 @@ def plot(results: dict, path: Path) -> None:
     axes[1].set_yscale("log")
     for ax in axes:
         ax.set_xticks(xs + width * len(results) / 2)
-        ax.set_xticklabels([m if m != "adapter" else "adapters" for m in methods])
+        ax.set_xticklabels(methods)
         ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.1), ncol=2)
     axes[0].set_title("Test accuracy relative to full fine-tuning", fontsize=9)
     axes[1].set_title("Trainable parameters, method only (head excluded)", fontsize=9)

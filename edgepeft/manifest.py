@@ -8,7 +8,7 @@ from typing import Any
 
 from edgepeft import names
 from edgepeft.errors import ManifestError
-from edgepeft.specs import MethodSpec, spec_from_dict
+from edgepeft.specs import MethodSpec, canonical_method, spec_from_dict
 
 
 @dataclasses.dataclass(frozen=True)
@@ -125,7 +125,9 @@ class Manifest:
                 methods=tuple(spec_from_dict(m) for m in data["methods"]),
                 trainable=tuple(
                     TensorInfo(name=str(t["name"]), peft_key=str(t["peft_key"]),
-                               shape=tuple(int(s) for s in t["shape"]), method=str(t["method"]),
+                               shape=tuple(int(s) for s in t["shape"]),
+                               # Older bundles name bottleneck adapters' method "adapter".
+                               method=canonical_method(str(t["method"])),
                                dtype=str(t.get("dtype", "float32")))
                     for t in data["trainable"]
                 ),

@@ -100,13 +100,13 @@ METHODS: dict[str, Callable[[Model], tuple]] = {
     "lora+bitfit": lambda m: ([LoraSpec(rank=4, targets=m.targets), BitFitSpec(modules=_save(m))], 1e-2),
     "prompt+lora": lambda m: ([PromptSpec(n_tokens=2), LoraSpec(rank=2, targets=m.targets, modules_to_save=_save(m))],
                               1e-2),
-    "adapter+lora": lambda m: ([BottleneckSpec(kind="pfeiffer", size=4),
+    "bottleneck+lora": lambda m: ([BottleneckSpec(kind="pfeiffer", size=4),
                                 LoraSpec(rank=2, targets=m.targets, modules_to_save=_save(m))], 1e-2),
 }
 
 # What a model cannot take (no slot or site for it): refused at export with a clear error,
 # checked in test_unsupported_method_is_refused.
-NO_SLOTS = {"prompt-random", "prompt-text", "prefix", "houlsby", "pfeiffer", "parallel", "prompt+lora", "adapter+lora"}
+NO_SLOTS = {"prompt-random", "prompt-text", "prefix", "houlsby", "pfeiffer", "parallel", "prompt+lora", "bottleneck+lora"}
 # Llama-style blocks have no bias terms at all.
 NO_BIAS = {"bitfit", "bitfit-all", "lora+bitfit"}
 UNSUPPORTED = {("cnn", k) for k in NO_SLOTS} | {("mlp", k) for k in NO_SLOTS} | {("decoder", k) for k in NO_BIAS}

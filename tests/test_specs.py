@@ -11,7 +11,7 @@ import pytest
 from edgepeft.errors import EdgePeftError, SpecError
 from edgepeft.memory import parse_size
 from edgepeft.optim import OptimizerSpec
-from edgepeft.specs import METHODS, LoraSpec, spec_from_dict
+from edgepeft.specs import METHODS, BottleneckSpec, LoraSpec, parse_method, spec_from_dict
 
 
 # -- LoraSpec validation -------------------------------------------------------------------------
@@ -110,6 +110,25 @@ def test_spec_from_dict_unknown_method(data):
     msg = str(exc.value)
     assert "unknown PEFT method" in msg
     assert all(name in msg for name in METHODS)  # says what is supported
+
+
+# -- the bottleneck method and its former name "adapter" ----------------------------------------
+def test_bottleneck_spec_is_the_bottleneck_method():
+    assert BottleneckSpec.method == "bottleneck" and METHODS["bottleneck"] is BottleneckSpec
+    assert "adapter" not in METHODS  # "adapter" means a user's trained tensors, not a method
+    assert BottleneckSpec(size=8).to_dict()["method"] == "bottleneck"
+
+
+@pytest.mark.parametrize("name", ["bottleneck", "adapter"])
+def test_parse_method_takes_bottleneck_and_its_former_name(name):
+    spec = parse_method(f"{name}:kind=pfeiffer,size=32,activation=gelu")
+    assert spec == BottleneckSpec(kind="pfeiffer", size=32, activation="gelu")
+
+
+def test_spec_dicts_written_with_the_former_name_still_load():
+    old = BottleneckSpec(kind="parallel", size=4).to_dict() | {"method": "adapter"}
+    assert spec_from_dict(old) == BottleneckSpec(kind="parallel", size=4)
+    assert spec_from_dict(json.loads(json.dumps(old))).to_dict()["method"] == "bottleneck"
 
 
 # -- other user-facing options --------------------------------------------------------------------

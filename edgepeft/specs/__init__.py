@@ -22,10 +22,19 @@ METHODS: dict[str, type[MethodSpec]] = {
     BottleneckSpec.method: BottleneckSpec,
     SelectiveSpec.method: SelectiveSpec,
 }
+# Former method names -> their registry key. "adapter" was BottleneckSpec's name until the
+# word was kept for a user's trained tensors; manifests and --method specs using it still load.
+METHOD_ALIASES: dict[str, str] = {"adapter": BottleneckSpec.method}
+
+
+def canonical_method(name: str) -> str:
+    """The registry key for ``name`` (an alias maps to its method; anything else is returned
+    unchanged, e.g. "modules_to_save", the method of LoRA's saved modules)."""
+    return METHOD_ALIASES.get(name, name) if isinstance(name, str) else name
 
 
 def spec_from_dict(data: dict[str, Any]) -> MethodSpec:
-    name = data.get("method") if isinstance(data, dict) else None
+    name = canonical_method(data.get("method")) if isinstance(data, dict) else None
     if name not in METHODS:
         raise SpecError(f"unknown PEFT method {name!r}; supported: {sorted(METHODS)}")
     return METHODS[name].from_dict(data)
@@ -35,7 +44,7 @@ def parse_method(text: str) -> MethodSpec:
     """A spec from the CLI form ``name[:key=value,key=value]``; list values are separated
     by ``|`` (e.g. ``lora:rank=8,targets=query|value,modules_to_save=classifier``)."""
     name, _, rest = text.partition(":")
-    name = name.strip()
+    name = canonical_method(name.strip())
     if name not in METHODS:
         raise SpecError(f"unknown PEFT method {name!r} in {text!r}; supported: {sorted(METHODS)}")
     fields = {f.name: f for f in dataclasses.fields(METHODS[name])}
@@ -64,5 +73,5 @@ def _value(raw: str, type_name: str) -> Any:
     return raw
 
 
-__all__ = ["METHODS", "BitFitSpec", "BottleneckSpec", "LoraSpec", "MethodSpec", "PrefixSpec", "PromptSpec",
-           "SelectiveSpec", "parse_method", "spec_from_dict"]
+__all__ = ["METHODS", "METHOD_ALIASES", "BitFitSpec", "BottleneckSpec", "LoraSpec", "MethodSpec", "PrefixSpec", "PromptSpec",
+           "SelectiveSpec", "canonical_method", "parse_method", "spec_from_dict"]

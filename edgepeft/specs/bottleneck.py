@@ -17,7 +17,9 @@ class BottleneckSpec(MethodSpec):
     """``size``: the bottleneck width; the up projection starts at zero, so the adapted model
     starts equal to the base."""
 
-    method = "adapter"
+    # Not "adapter": that word means a user's trained tensors everywhere else. Manifests and
+    # --method specs written with the old name still load (edgepeft.specs.METHOD_ALIASES).
+    method = "bottleneck"
 
     kind: str = "houlsby"
     size: int = 64

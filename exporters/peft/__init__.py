@@ -21,7 +21,7 @@ INJECTORS: dict[str, Callable[[nn.Module, MethodSpec, InjectContext], list[Train
     "prompt": inject_prompt,
     "prefix": inject_prefix,
     "bitfit": inject_bitfit,
-    "adapter": inject_bottleneck,
+    "bottleneck": inject_bottleneck,
     "selective": inject_selective,
 }
 assert set(INJECTORS) == set(METHODS), "every registered spec needs an injector"

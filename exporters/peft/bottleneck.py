@@ -53,7 +53,7 @@ def inject_bottleneck(model: nn.Module, spec: BottleneckSpec, ctx: InjectContext
     if spec.kind == "parallel":
         for name, block in slot_modules(model, ParallelSlot, "parallel adapters", "blocks with a parallel-FFN slot"):
             block.ffn_parallel = Bottleneck(block.hidden_size, spec.size, spec.activation, spec.scaling, g)
-            out += declare(f"{name}.ffn_parallel", dict(block.ffn_parallel.named_parameters()), "adapter")
+            out += declare(f"{name}.ffn_parallel", dict(block.ffn_parallel.named_parameters()), spec.method)
         return out
     for site in spec.sites:
         for name, layer in site_modules(model, site, f"{spec.kind} adapters"):
@@ -62,5 +62,5 @@ def inject_bottleneck(model: nn.Module, spec: BottleneckSpec, ctx: InjectContext
                                   "not a Linear (was it already wrapped by another method?)")
             wrapped = SequentialAdapter(layer, Bottleneck(layer.out_features, spec.size, spec.activation, spec.scaling, g))
             set_submodule(model, name, wrapped)
-            out += declare(f"{name}.adapter", dict(wrapped.adapter.named_parameters()), "adapter")
+            out += declare(f"{name}.adapter", dict(wrapped.adapter.named_parameters()), spec.method)
     return out
