@@ -193,6 +193,9 @@ class Gemma3DecoderLayer(nn.Module, ParallelSlot):
         self.pre_feedforward_layernorm = Gemma3RMSNorm(c.hidden_size, c.rms_norm_eps)
         self.post_feedforward_layernorm = Gemma3RMSNorm(c.hidden_size, c.rms_norm_eps)
         self.init_parallel_slot()
+        # Lean graphs are shared by blocks of one structure; the attention type is structure
+        # that the parameters do not show (see exporters.zoo.parts.LeanParts).
+        self.lean_key = layer_type
 
     def forward(self, x: torch.Tensor, cos_local: torch.Tensor, sin_local: torch.Tensor, cos_global: torch.Tensor,
                 sin_global: torch.Tensor, bias_full: torch.Tensor, bias_sliding: torch.Tensor) -> torch.Tensor:

@@ -19,7 +19,11 @@ class LeanParts:
     (rotary tables, attention bias), which must not depend on trainable tensors.
     ``blocks[i](h, *ctx) -> h``. ``post(h, *inputs)``: logits (classification), or for a causal
     LM the final hidden states that ``head`` (the name of a frozen (vocab, hidden) weight)
-    projects onto the vocabulary."""
+    projects onto the vocabulary.
+
+    Blocks with the same parameters (names, shapes, trainables) share one pair of graphs; a block
+    whose computation also depends on something else fixed at construction (e.g. Gemma 3's
+    sliding vs full attention) must say so in a ``lean_key`` attribute."""
 
     pre: Callable
     blocks: Sequence[nn.Module]
