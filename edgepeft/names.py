@@ -34,9 +34,11 @@ EXECUTORCH_PARAM_PREFIX = "m.m."
 BACKEND_ORT = "ort-training"
 BACKEND_PORTABLE = "portable"
 BACKEND_EXECUTORCH = "executorch"
+# Block-wise training on any onnxruntime (lean/ graphs, weights stored once, memory-mapped).
+BACKEND_LEAN = "lean"
 # What export_bundle writes when not told: ExecuTorch only when asked (its export is slow).
 DEFAULT_EXPORT_BACKENDS = (BACKEND_ORT, BACKEND_PORTABLE)
-EXPORT_BACKENDS = (BACKEND_ORT, BACKEND_PORTABLE, BACKEND_EXECUTORCH)
+EXPORT_BACKENDS = (BACKEND_ORT, BACKEND_PORTABLE, BACKEND_LEAN, BACKEND_EXECUTORCH)
 
 # Graph I/O.
 LABELS_INPUT = "labels"
