@@ -33,6 +33,7 @@ from onnx import helper
 from edgepeft import names
 from edgepeft.errors import ExportError
 from edgepeft.exporters import onnx_graph
+from edgepeft.exporters.memory_card import lean_card
 from edgepeft.exporters.quantize import QuantizedTensor
 from edgepeft.exporters.zoo.parts import LeanParts
 
@@ -404,4 +405,8 @@ def build_target(injected, forward, tmp: Path):
     (tmp / "lean").mkdir(parents=True, exist_ok=True)
     files = build(model, injected.example_inputs, injected.dynamic_axes, injected.trainable_names,
                   injected.quantized, injected.plan.causal, injected.plan.source.max_length, tmp)
-    return BackendTarget(names.BACKEND_LEAN, {"plan": PLAN_MEMBER, "weights": WEIGHTS_MEMBER}, files)
+    head = json.loads(files[PLAN_MEMBER].read_text())["head"]
+    card = lean_card(model, injected.example_inputs, injected.dynamic_axes, injected.plan.source.max_length,
+                     injected.quantized, head)
+    return BackendTarget(names.BACKEND_LEAN, {"plan": PLAN_MEMBER, "weights": WEIGHTS_MEMBER}, files,
+                         memory={"lean": card})

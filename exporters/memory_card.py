@@ -91,3 +91,44 @@ def memory_card(model: nn.Module, forward: onnx.ModelProto, trainable: list[str]
     return {"version": 1, **_weights(forward, set(trainable)), "activations_per_example": acts,
             "logits_per_position": int(forward.graph.output[0].type.tensor_type.shape.dim[-1].dim_value)
             if causal else 0}
+
+
+def _block_saved(block: nn.Module, h: torch.Tensor, ctx: list[torch.Tensor]) -> int:
+    """Bytes autograd saves inside one block (its input excluded): what its VJP graph holds."""
+    params = {p.untyped_storage().data_ptr() for p in block.parameters()}
+    params |= {t.untyped_storage().data_ptr() for t in [h, *ctx]}
+    seen: dict[int, int] = {}
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        ptr = t.untyped_storage().data_ptr()
+        if ptr not in params:
+            seen[ptr] = max(seen.get(ptr, 0), t.untyped_storage().nbytes())
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        block(h.detach().requires_grad_(True), *ctx).sum()
+    return sum(seen.values())
+
+
+def lean_card(model: nn.Module, example: dict[str, torch.Tensor], axes: dict[str, dict[int, str]], max_length: int,
+              quantized: dict, canonical_head: str | None) -> dict:
+    """What the lean backend's memory model needs: the number of blocks and the hidden width
+    (block inputs are kept for backward), one block's saved bytes per example (fitted in seq as
+    the activations are), the fp32 bytes of the largest block's dequantized weights, and the LM
+    head's shape (it runs in vocabulary chunks)."""
+    parts = model.lean_parts()
+    where = {id(m): n for n, m in model.named_modules()}
+    deq = max(sum(qt.q.size * 4 for k, qt in quantized.items() if k.startswith(where[id(b)] + "."))
+              for b in parts.blocks)
+    ys, lengths = [], sorted({max(2, max_length // 4), max(3, max_length // 2), max(4, max_length)})
+    for s in lengths:
+        with torch.no_grad():
+            h, *ctx = parts.pre(*_resize(example, axes, s).values())
+        ys.append(max(_block_saved(b, h, ctx) for b in {id(type(b)): b for b in parts.blocks}.values()))
+    c2, c1, c0 = np.polyfit(np.array(lengths, float), np.array(ys, float), 2)
+    head = dict(model.named_parameters()).get(canonical_head) if canonical_head else None
+    with torch.no_grad():
+        h = parts.pre(*_resize(example, axes, lengths[0]).values())[0]
+    return {"blocks": len(parts.blocks), "hidden": int(h.shape[-1]), "extra_positions": int(h.shape[1] - lengths[0]),
+            "block_acts_per_example": [float(c0), float(c1), float(c2)], "block_dequant_fp32_bytes": int(deq),
+            "head_rows": int(head.shape[0]) if head is not None else 0}

@@ -173,7 +173,7 @@ def build_manifest(injected: InjectedModel, forward: ForwardGraph, targets: Mapp
         },
         base_params=injected.base_params,
         backends={name: dict(t.entry) for name, t in targets.items()},
-        memory=forward.memory_card,
+        memory={**forward.memory_card, **{k: v for t in targets.values() for k, v in t.memory.items()}},
     )
 
 

@@ -99,3 +99,5 @@ class BackendTarget:
     entry: dict[str, str]
     # Bundle member name -> file written under the export's temporary folder.
     files: dict[str, Path] = field(default_factory=dict)
+    # What this backend adds to the manifest's memory card (under its own key).
+    memory: dict[str, Any] = field(default_factory=dict)
