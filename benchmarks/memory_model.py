@@ -22,47 +22,88 @@ from edgepeft import memory_model
 from edgepeft.cli import profiler
 from edgepeft.bundle import open_bundle
 
-MODELS = {"tiny-encoder": ("query", "value"), "tiny-decoder": ("q_proj", "v_proj"), "minilm": ("query", "value")}
+MODELS = {"tiny-encoder": ("query", "value"), "tiny-decoder": ("q_proj", "v_proj"), "minilm": ("query", "value"),
+          "smollm2-135m": ("q_proj", "v_proj"), "gemma3-270m": ("q_proj", "v_proj")}
 GRID = [(8, 128), (4, 128), (8, 64), (16, 64), (2, 128), (1, 32)]
+# The LLMs are measured at the shapes issue 15 names and two smaller ones (each row costs a minute).
+LLM_GRID = [(4, 128), (2, 64), (4, 64)]
+LLMS = {"smollm2-135m", "gemma3-270m"}
 CALIBRATION = {("tiny-encoder", b, s) for b, s in GRID} | {("minilm", 8, 128), ("minilm", 4, 128)}
+# The lean backend's constants: the tiny encoder and SmolLM2 at its smallest shape; the rest is held out.
+LEAN_CALIBRATION = {("tiny-encoder", b, s) for b, s in GRID} | {("smollm2-135m", 2, 64)}
 OUT = Path(__file__).parent / "results"
 
 
-def export(name: str, folder: Path) -> Path:
+def export(name: str, folder: Path, backends: tuple[str, ...]) -> Path:
     from edgepeft.exporters import export_bundle, load_model
     from edgepeft.specs import LoraSpec
 
-    path = folder / f"{name}.edgepeft"
+    path = folder / f"{name}-{'-'.join(backends)}.edgepeft"
     if path.exists():
         return path
-    src = load_model(name, labels=tuple("abcde")) if name != "tiny-decoder" else load_model(name)
+    kw = {"max_length": 128} if name in LLMS else {} if name == "tiny-decoder" else {"labels": tuple("abcde")}
+    src = load_model(name, **kw)
     head = ("classifier",) if src.task == "classification" else ()
     export_bundle(src, methods=[LoraSpec(rank=8, alpha=16.0, targets=MODELS[name], modules_to_save=head)], out=path,
-                  quant="int8")
+                  quant="int8", backends=backends)
     return path
 
 
 def run(models, backends, grid, folder: Path) -> list[dict]:
     rows = []
     for name in models:
-        path = export(name, folder)
+        path = export(name, folder, tuple(backends))
         manifest = open_bundle(path).manifest
         for backend in backends:
             if backend not in manifest.backends:
                 print(f"{name}: no {backend} graph, skipped")
                 continue
-            for batch, seq in grid:
+            for batch, seq in (LLM_GRID if name in LLMS else grid):
                 seq = min(seq, manifest.max_length)
                 m = profiler.measure(path, backend=backend, batch=batch, seq=seq, threads=2)
+                cal = LEAN_CALIBRATION if backend == "lean" else CALIBRATION
                 rows.append({"model": name, "backend": backend, "batch": batch, "seq": seq, "measured": m["peaks"],
-                             "baseline": m["baseline"], "calibration": (name, batch, seq) in CALIBRATION,
+                             "baseline": m["baseline"], "calibration": (name, batch, seq) in cal,
                              "card": manifest.memory, "trainable": manifest.trainable_params})
                 print(name, backend, batch, seq, {k: v >> 20 for k, v in m["peaks"].items()}, flush=True)
     return rows
 
 
+def fit_lean(rows: list[dict]) -> dict:
+    """The lean model's constants (edgepeft.memory_lean): each phase's excess over its exact
+    byte terms, by least squares on the calibration rows."""
+    from edgepeft import memory_lean
+
+    cal = [r for r in rows if r["calibration"] and r["backend"] == "lean"]
+    zero = memory_lean.LeanCosts(library=0, train_fixed=0, eval_fixed=0, swap_fixed=0, k_block=0.0)
+    one = memory_lean.LeanCosts(library=0, train_fixed=0, eval_fixed=0, swap_fixed=0, k_block=1.0)
+    preds = [(zero.predict(_manifest_like(r), batch=r["batch"], seq=r["seq"], trainable_params=r["trainable"]),
+              one.predict(_manifest_like(r), batch=r["batch"], seq=r["seq"], trainable_params=r["trainable"]), r)
+             for r in cal]
+    library = float(np.median([r["measured"]["open"] - p0.phases["open"] for p0, _, r in preds]))
+    a = np.array([[1.0, p1.phases["train_step"] - p0.phases["train_step"]] for p0, p1, _ in preds])
+    y = np.array([r["measured"]["train_step"] - p0.phases["train_step"] - library for p0, _, r in preds])
+    t0, k_b = np.linalg.lstsq(a, y, rcond=None)[0]
+    e0 = np.median([r["measured"]["evaluate"] - p0.phases["evaluate"] - library
+                    - k_b * (p1.phases["evaluate"] - p0.phases["evaluate"]) for p0, p1, r in preds])
+    s0 = np.median([r["measured"]["swap"] - p0.phases["swap"] - library for p0, _, r in preds])
+    return {"library": int(library), "train_fixed": int(t0), "eval_fixed": int(e0), "swap_fixed": int(s0),
+            "k_block": round(float(k_b), 3)}
+
+
+def predict_row(r: dict):
+    if r["backend"] == "lean":
+        from edgepeft import memory_lean
+
+        return memory_lean.COSTS.predict(_manifest_like(r), batch=r["batch"], seq=r["seq"],
+                                         trainable_params=r["trainable"])
+    return memory_model.predict(_manifest_like(r), backend=r["backend"], batch=r["batch"], seq=r["seq"])
+
+
 def fit(rows: list[dict], backend: str) -> dict:
     """Least squares for each phase's increment over the previous one."""
+    if backend == "lean":
+        return fit_lean(rows)
     cal = [r for r in rows if r["calibration"] and r["backend"] == backend]
     if not cal:
         return {}
@@ -94,8 +135,7 @@ def report(rows: list[dict]) -> tuple[list[dict], str]:
     out, lines = [], ["| model | backend | batch x seq | set | " + " | ".join(memory_model.PHASES) + " |",
                       "|---|---|---|---|" + "---|" * len(memory_model.PHASES)]
     for r in rows:
-        m = _manifest_like(r)
-        p = memory_model.predict(m, backend=r["backend"], batch=r["batch"], seq=r["seq"])
+        p = predict_row(r)
         err = {k: 100.0 * (p.phases[k] - v) / v for k, v in r["measured"].items()}
         out.append({k: r[k] for k in ("model", "backend", "batch", "seq", "calibration")}
                    | {"measured": r["measured"], "predicted": p.phases, "error_pct": err})
@@ -140,12 +180,14 @@ def main() -> None:
                "machine": {"machine": platform.machine(), "python": platform.python_version(),
                            "processor": platform.processor()}}
     OUT.mkdir(exist_ok=True)
-    (OUT / "memory_model.json").write_text(json.dumps({"summary": summary, "results": results}, indent=1))
+    # The lean backend's rows go to a file of their own (memory_model_lean.*).
+    name = "memory_model" if a.backends == "ort-training,portable" else "memory_model_" + a.backends.replace(",", "_")
+    (OUT / f"{name}.json").write_text(json.dumps({"summary": summary, "results": results}, indent=1))
     md = (f"# Memory model: measured / predicted peak RSS (MiB) per phase, error in %\n\n"
-          f"`python -m benchmarks.memory_model` on {summary['machine']['machine']}, Python "
+          f"`python -m benchmarks.memory_model --backends {a.backends}` on {summary['machine']['machine']}, Python "
           f"{summary['machine']['python']}, 2 threads. Max |error|: {summary['max_abs_error_pct']}% "
           f"(held-out rows: {summary['max_abs_error_pct_held_out']}%).\n\n{table}\n")
-    (OUT / "memory_model.md").write_text(md)
+    (OUT / f"{name}.md").write_text(md)
     print(md)
 
 

@@ -27,6 +27,7 @@ CONFIGS = {
     "edgepeft ort-training (int8 base)": ("edgepeft", "ort-training", "int8"),
     "edgepeft ort-training (fp32 base)": ("edgepeft", "ort-training", "none"),
     "edgepeft portable (int8 base)": ("edgepeft", "portable", "int8"),
+    "edgepeft lean (int8 base)": ("edgepeft", "lean", "int8"),
     "edgepeft executorch (int8 base)": ("edgepeft", "executorch", "int8"),
     "PyTorch eager + HF PEFT LoRA (fp32)": ("peft", "", ""),
     "PyTorch eager full fine-tuning (fp32)": ("full", "", ""),
