@@ -26,6 +26,12 @@ CONFIGS = {
     "edgepeft portable (int8 base, whole-model graph)": ("edgepeft", "portable"),
     "PyTorch eager + HF PEFT LoRA (fp32)": ("peft", ""),
 }
+# The ablation (--ablation): lean with one lever off at a time, on the same bundle.
+ABLATION = {
+    "lean, base resident (pages kept), head in one chunk (full logits)": ("edgepeft", "lean:resident:fullhead"),
+    "lean, base resident (pages kept), chunked head": ("edgepeft", "lean:resident"),
+    "lean, pages released per graph, head in one chunk (full logits)": ("edgepeft", "lean:fullhead"),
+}
 REFERENCE = "PyTorch eager + HF PEFT LoRA (fp32)"
 TARGETS = {"smollm2-135m": 320, "gemma3-270m": 512}  # MiB: issue 15's budgets for the train step
 
@@ -69,6 +75,15 @@ def _member_sizes(path: Path) -> dict[str, int]:
         return {i.filename: i.file_size for i in z.infolist()}
 
 
+def _ablate(s, flags: list[str]) -> None:
+    from edgepeft.runtime import lean_head
+
+    if "resident" in flags:
+        s.backend.release_weights = False
+    if "fullhead" in flags:
+        lean_head.CHUNK = 1 << 30  # the whole vocabulary at once: (positions x vocab) logits
+
+
 def child_edgepeft(model: str, backend: str, batch: int, seq: int, steps: int) -> dict:
     from edgepeft.data import Batch
     from edgepeft.memory import peak_rss_bytes, reset_peak
@@ -84,11 +99,13 @@ def child_edgepeft(model: str, backend: str, batch: int, seq: int, steps: int) -
         peaks[name] = max(peaks.get(name, 0), peak_rss_bytes())
         return out
 
+    backend, *flags = backend.split(":")
     store = work() / f"llm-store-{model}-{backend}"
     shutil.rmtree(store, ignore_errors=True)
     s = phase("open", lambda: Session.open(bundle(model, seq), adapter="bench", store=store, backend=backend,
                                            cache_dir=work() / "cache", threads=THREADS,
                                            optimizer=OptimizerSpec(lr=1e-3)))
+    _ablate(s, flags)
     ids, mask, labels = _batch(s.manifest.outputs[0].shape[-1], batch, seq)
     b = Batch({"input_ids": ids, "attention_mask": mask}, labels)
     losses = [phase("train_step", lambda: s.train_step(b)) for _ in range(steps)]
@@ -159,16 +176,16 @@ def child_peft(model: str, batch: int, seq: int, steps: int) -> dict:
             "torch_loaded": True}
 
 
-def run(model: str, batch: int, seq: int, steps: int, reps: int) -> dict:
+def run(model: str, batch: int, seq: int, steps: int, reps: int, configs: dict) -> dict:
     if not bundle(model, seq).exists():
         export = run_child("benchmarks.llm_memory", ["--child", "export", "--model", model, "--seq", str(seq)],
                            timeout=3600)
     else:
         export = {"reused": str(bundle(model, seq)), "members_mb": {k: round(v / 1e6, 2) for k, v in
                                                                     _member_sizes(bundle(model, seq)).items()}}
-    results: dict[str, list] = {k: [] for k in CONFIGS}
+    results: dict[str, list] = {k: [] for k in configs}
     for _ in range(reps):  # interleaved, so that a noisy period hits every configuration
-        for name, (kind, backend) in CONFIGS.items():
+        for name, (kind, backend) in configs.items():
             args = ["--child", kind, "--model", model, "--batch", str(batch), "--seq", str(seq),
                     "--steps", str(steps), *(["--backend", backend] if backend else [])]
             results[name].append(run_child("benchmarks.llm_memory", args, timeout=3600))
@@ -201,7 +218,7 @@ def markdown(doc: dict) -> str:
     s = doc["summary"]
     rows = [[name, *(v["phase_peaks_mib"][p] for p in PHASES), v["process_peak_mib"], f"{v['vs_peft']:.2f}x",
              v["median_step_s"], f"{v['step_vs_peft']:.2f}x", "yes" if v["torch_loaded"] else "no"]
-            for name, v in s.items() if name in CONFIGS]
+            for name, v in s.items() if name in CONFIGS or name in ABLATION]
     md = (f"{doc['model']}, LoRA r8 q/v, AdamW, batch {doc['batch']} x {doc['seq']} tokens, {THREADS} threads, "
           f"{doc['reps']} process(es) per configuration x {doc['steps']} steps (first untimed). Peak RSS in MiB.\n\n")
     md += md_table(["configuration", *PHASES, "process peak", "vs PEFT", "median step (s)", "step vs PEFT",
@@ -247,6 +264,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--reps", type=int, default=1)
     ap.add_argument("--child", choices=["export", "edgepeft", "peft"])
     ap.add_argument("--backend", default="lean")
+    ap.add_argument("--ablation", action="store_true", help="also run lean with one lever off at a time")
     a = ap.parse_args(argv)
     if a.child == "export":
         res = child_export(a.model, a.seq)
@@ -256,7 +274,7 @@ def main(argv: list[str] | None = None) -> int:
         res = child_peft(a.model, a.batch, a.seq, a.steps)
     else:
         run_ = Run(f"{NAME}_{a.model}", argv if argv is not None else sys.argv[2:])
-        doc = run(a.model, a.batch, a.seq, a.steps, a.reps)
+        doc = run(a.model, a.batch, a.seq, a.steps, a.reps, {**CONFIGS, **(ABLATION if a.ablation else {})})
         path = run_.write(doc, markdown(doc))
         plot(doc, path.with_suffix(".png"))
         print((RESULTS / f"{NAME}_{a.model}.md").read_text())

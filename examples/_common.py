@@ -27,13 +27,14 @@ class Sizes:
     min_holdout: int = 4   # the guardrail's smallest held-out slice (smoke runs have few samples)
 
 
-def parse_args(name: str, doc: str, argv: Sequence[str] | None, *, budget: str = "2GB") -> argparse.Namespace:
+def parse_args(name: str, doc: str, argv: Sequence[str] | None, *, budget: str = "2GB",
+               backend: str = "ort-training") -> argparse.Namespace:
     ap = argparse.ArgumentParser(prog=f"python -m examples.{name}", description=doc.strip().splitlines()[0])
     ap.add_argument("--smoke", action="store_true", help="a tiny run (few samples and steps) to check it works")
     ap.add_argument("--out", type=Path, default=Path("out/examples") / name, help="bundle, adapters and logs go here")
     ap.add_argument("--threads", type=int, default=2, help="ONNX Runtime threads")
     ap.add_argument("--budget", default=budget, help="the session's memory budget")
-    ap.add_argument("--backend", default="ort-training", choices=("ort-training", "portable"))
+    ap.add_argument("--backend", default=backend, choices=("ort-training", "portable", "lean"))
     return ap.parse_args(argv)
 
 
@@ -45,9 +46,17 @@ def fresh_dir(out: Path) -> Path:
     return out
 
 
-def export(out: Path, model: str, methods: list, *, backend: str, **model_kw: Any) -> Path:
+def export(out: Path, model: str, methods: list, *, backend: str, isolated: bool = False, **model_kw: Any) -> Path:
     """Export ``model`` from the zoo with ``methods`` (host side: needs torch). The bundle is
-    remade on every run: exporting takes seconds and keeps the example honest."""
+    remade on every run: exporting takes seconds and keeps the example honest. ``isolated``:
+    in a child process, so that this process stays a device-side one (no torch) and its
+    memory is the device's."""
+    if isolated:
+        import multiprocessing
+        from concurrent.futures import ProcessPoolExecutor
+
+        with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
+            return pool.submit(export, out, model, methods, backend=backend, **model_kw).result()
     from edgepeft.exporters import export_bundle, load_model
 
     t = time.perf_counter()

@@ -62,6 +62,9 @@ class MappedWeights(dict):
 
 class LeanBackend:
     name = names.BACKEND_LEAN
+    # Drop the weights' pages from the resident set after each graph (off: the ablation that
+    # keeps the whole base resident, as a copied-in base would be).
+    release_weights = True
 
     def __init__(self, bundle: OpenedBundle, *, threads: int | None = None):
         entry = backend_entry(bundle, self.name, "lean graphs")
@@ -119,7 +122,8 @@ class LeanBackend:
             else:
                 raise BundleError(f"lean graph {member} needs {key!r}, which the bundle's weights lack; re-export")
         out = dict(zip((o.name for o in s.get_outputs()), s.run(None, feeds)))
-        self._weights.release()
+        if self.release_weights:
+            self._weights.release()
         return out
 
     # -- forward -------------------------------------------------------------------------------
@@ -145,7 +149,8 @@ class LeanBackend:
         if self._head is not None:
             hidden = self._run(post["fwd"], "", {"h": h, **inputs})["out0"]
             loss, g_hidden = lean_head.loss_and_grad(self._head, hidden, batch.labels)
-            self._weights.release()
+            if self.release_weights:
+                self._weights.release()
             del hidden
             out = self._run(post["vjp"], "", {"h": h, **inputs, "g": g_hidden})
         else:
