@@ -129,8 +129,11 @@ def export_forward(injected: InjectedModel, tmp: Path) -> ForwardGraph:
 # -- 4. targets --------------------------------------------------------------------------------
 def build_targets(injected: InjectedModel, forward: ForwardGraph, tmp: Path) -> dict[str, BackendTarget]:
     """The inference model, then each asked-for backend's target, in ``BUILDERS`` order."""
-    targets = {t.name: t for t in [build_inference(injected, forward, tmp)]}
     plan = injected.plan
+    missing = [b for b in plan.backends if b not in BUILDERS]
+    if missing:  # a backend named in edgepeft.names without a builder in targets.BUILDERS
+        raise ExportError(f"this edgepeft cannot export backend(s) {missing} yet; export some of {list(BUILDERS)}")
+    targets = {t.name: t for t in [build_inference(injected, forward, tmp)]}
     for name, builder in BUILDERS.items():
         if name not in plan.backends:
             continue
