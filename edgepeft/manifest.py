@@ -39,6 +39,65 @@ class IOInfo:
 
 
 @dataclasses.dataclass(frozen=True)
+class BackendEntry:
+    """One backend's part of the manifest: its bundle members by role (``members["plan"]``)
+    and its settings (``settings["batch_size"]`` of the ExecuTorch programs)."""
+
+    members: dict[str, str]
+    settings: dict[str, str | int] = dataclasses.field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        members, settings = dict(self.members), dict(self.settings)
+        if not all(isinstance(k, str) and isinstance(v, str) and v for k, v in members.items()):
+            raise ManifestError(f"a backend entry's members must map roles to bundle member names, got {members!r}; "
+                                "re-export the bundle")
+        if not all(isinstance(k, str) and isinstance(v, (str, int)) and not isinstance(v, bool)
+                   for k, v in settings.items()):
+            raise ManifestError(f"a backend entry's settings must be strings or integers, got {settings!r}; "
+                                "re-export the bundle")
+        object.__setattr__(self, "members", members)
+        object.__setattr__(self, "settings", settings)
+
+    @classmethod
+    def parse(cls, backend: str, value: Any) -> "BackendEntry":
+        """The entry of ``backend`` from its JSON value: the typed ``{"members": {...},
+        "settings": {...}}``, or the flat ``{key: "value"}`` of manifests written before it
+        (and of export builders), split by the backend's record (edgepeft.backends): its
+        settings keys, of their declared type, are settings; every other key is a member.
+        A backend the registry knows must have every role and setting its record lists."""
+        record = _record(backend)
+        if isinstance(value, BackendEntry):
+            entry = value
+        elif not isinstance(value, dict):
+            raise ManifestError(f"the manifest's {backend!r} entry must be a JSON object, got {value!r}; "
+                                "re-export the bundle")
+        elif isinstance(value.get("members"), dict) and set(value) <= {"members", "settings"}:
+            entry = cls(value["members"], dict(value.get("settings", {})))
+        else:
+            types = dict(record.settings) if record is not None else {}
+            entry = cls({k: v for k, v in value.items() if k not in types},
+                        {k: types[k](v) for k, v in value.items() if k in types})
+        missing = [] if record is None else (
+            [k for k in record.members if k not in entry.members] + [k for k in record.settings if k not in entry.settings])
+        if missing:
+            raise ManifestError(f"the manifest's {backend!r} entry lacks {missing}; the bundle is corrupted or "
+                                "truncated: re-export it")
+        return entry
+
+    def to_dict(self) -> dict[str, dict]:
+        return {"members": dict(self.members), "settings": dict(self.settings)}
+
+
+def _record(backend: str):
+    """``backend``'s record in the registry (edgepeft.backends); None for a name it does not
+    know (the inference model's entry, a newer edgepeft's backend)."""
+    # The registry reaches this module through the memory model: imported when needed.
+    from edgepeft.backends import REGISTRY
+
+    return REGISTRY.get(backend)
+
+
+@dataclasses.dataclass(frozen=True)
 class Manifest:
     schema_version: int
     sdk_version: str
@@ -54,10 +113,14 @@ class Manifest:
     max_length: int
     quantization: dict[str, Any]
     base_params: int
-    backends: dict[str, dict[str, str]]
+    # Backend name -> its entry (flat dicts, as older manifests hold them, are read as entries).
+    backends: dict[str, BackendEntry]
     members: dict[str, str] = dataclasses.field(default_factory=dict)
     # The memory card the exporter measured (see edgepeft.memory_model); {} in older bundles.
     memory: dict[str, Any] = dataclasses.field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "backends", {str(k): BackendEntry.parse(str(k), v) for k, v in self.backends.items()})
 
     # -- derived -----------------------------------------------------------------------------
     @property
@@ -137,7 +200,7 @@ class Manifest:
                 max_length=int(data["max_length"]),
                 quantization=dict(data["quantization"]),
                 base_params=int(data["base_params"]),
-                backends={str(k): dict(v) for k, v in dict(data["backends"]).items()},
+                backends=dict(data["backends"]),
                 members={str(k): str(v) for k, v in dict(data.get("members", {})).items()},
                 memory=dict(data.get("memory", {})),
             )

@@ -16,46 +16,26 @@ Terms, all in bytes:
 
 ``activations(batch, seq)`` is what autograd keeps for backward, measured on the host at
 export (the manifest's memory card: ``c0 + c1*seq + c2*seq**2`` per example). The per-backend
-constants (runtime library, k_w, k_a, e0, e1) were fitted on this project's host (x86_64,
+constants (``BackendCosts``: runtime library, k_w, k_a, e0, e1) were fitted on this project's host (x86_64,
 Python 3.11, onnxruntime 1.19.2 training / plain) by ``benchmarks/memory_model.py``, which
 also reports the error on every model and configuration it measures. On another
 architecture the library term differs by tens of MiB: measure there with ``edgepeft profile``
-(no ``--predict-only``) before trusting a tight fit."""
+(no ``--predict-only``) before trusting a tight fit.
+
+Which model predicts a backend is its record's ``memory`` (edgepeft.backends): these
+constants for the whole-graph backends, or any ``MemoryModel`` of the backend's own. A backend
+without one has no prediction: its budgets are measured only, and the precheck says so."""
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
+from typing import Protocol
 
-from edgepeft import names
 from edgepeft.errors import MemoryBudgetError, SpecError
 from edgepeft.manifest import Manifest
 from edgepeft.memory import MiB
 
 PHASES = ("open", "train_step", "evaluate", "swap", "infer")
-
-
-@dataclass(frozen=True)
-class BackendCosts:
-    """Fitted constants of one backend (see the module docstring)."""
-
-    library: int       # onnxruntime import + sessions' fixed cost
-    k_weights: float   # frozen bytes in memory per byte stored
-    train_fixed: int   # the training session's fixed cost at its first step
-    k_dequant: float   # live fp32 bytes per byte DequantizeLinear materializes in a step
-    k_acts: float      # runtime activation bytes per byte autograd keeps
-    e0: int            # evaluate's fixed extra
-    e1: float          # evaluate's extra per example per activation byte per position
-    eval_weights: float  # evaluation-session bytes per frozen byte stored (0: shares the training one)
-
-
-# Python 3.11 + numpy + edgepeft.runtime imported, measured before Session.open.
-INTERPRETER = 33 * MiB
-COSTS: dict[str, BackendCosts] = {
-    # `python -m benchmarks.memory_model --fit` (calibration rows only), 2026-11-28.
-    names.BACKEND_ORT: BackendCosts(library=40_577_674, k_weights=1.415, train_fixed=5_252_083, k_dequant=0.783,
-                                    k_acts=1.93, e0=1_754_638, e1=0.15, eval_weights=0.797),
-    names.BACKEND_PORTABLE: BackendCosts(library=39_370_547, k_weights=1.79, train_fixed=6_673_220,
-                                         k_dequant=0.503, k_acts=1.417, e0=2_343_313, e1=0.179, eval_weights=2.385),
-}
 
 
 @dataclass(frozen=True)
@@ -75,6 +55,66 @@ class Prediction:
         return self.peak - self.parts["interpreter"]
 
 
+class MemoryModel(Protocol):
+    """What a backend's record (edgepeft.backends) may name as its memory model."""
+
+    def predict(self, manifest: Manifest, *, batch: int, seq: int, trainable_params: int) -> Prediction:
+        """The phases' peaks for ``batch`` x ``seq`` with ``trainable_params`` trainable floats."""
+
+
+@dataclass(frozen=True)
+class BackendCosts:
+    """Fitted constants of one whole-graph backend (see the module docstring): a MemoryModel."""
+
+    library: int       # onnxruntime import + sessions' fixed cost
+    k_weights: float   # frozen bytes in memory per byte stored
+    train_fixed: int   # the training session's fixed cost at its first step
+    k_dequant: float   # live fp32 bytes per byte DequantizeLinear materializes in a step
+    k_acts: float      # runtime activation bytes per byte autograd keeps
+    e0: int            # evaluate's fixed extra
+    e1: float          # evaluate's extra per example per activation byte per position
+    eval_weights: float  # evaluation-session bytes per frozen byte stored (0: shares the training one)
+
+    def predict(self, manifest: Manifest, *, batch: int, seq: int, trainable_params: int) -> Prediction:
+        """The module docstring's terms with these constants (``predict()`` names the backend)."""
+        k = self
+        c = card(manifest)
+        t = 4 * trainable_params
+        acts = activations(manifest, batch, seq)
+        per_position = batch * (c["activations_per_example"][1] + 2 * c["activations_per_example"][2] * seq)
+        parts = {
+            "interpreter": INTERPRETER,
+            "library": k.library,
+            "weights": int(k.k_weights * c["frozen_bytes"]),
+            "adapter": t,
+            "train_fixed": k.train_fixed,
+            "dequantized": int(k.k_dequant * c["dequant_fp32_bytes"]),
+            "activations": int(k.k_acts * acts),
+            "gradients": t,
+            "optimizer_state": 2 * t,
+            "evaluate_extra": int(k.e0 + k.e1 * per_position * seq + k.eval_weights * c["frozen_bytes"]),
+            "second_adapter": 3 * t,
+        }
+        p = parts
+        opened = p["interpreter"] + p["library"] + p["weights"] + p["adapter"]
+        train = (opened + p["train_fixed"] + p["dequantized"] + p["activations"] + p["gradients"]
+                 + p["optimizer_state"] + p["adapter"])
+        evaluate = train + p["evaluate_extra"]
+        phases = {"open": opened, "train_step": train, "evaluate": evaluate,
+                  "swap": evaluate + p["second_adapter"], "infer": evaluate + p["second_adapter"]}
+        return Prediction("", batch, seq, phases, parts)
+
+
+# Python 3.11 + numpy + edgepeft.runtime imported, measured before Session.open.
+INTERPRETER = 33 * MiB
+# `python -m benchmarks.memory_model --fit` (calibration rows only), 2026-11-28; the backends'
+# records (edgepeft.backends) name them.
+ORT_TRAINING_COSTS = BackendCosts(library=40_577_674, k_weights=1.415, train_fixed=5_252_083, k_dequant=0.783,
+                                  k_acts=1.93, e0=1_754_638, e1=0.15, eval_weights=0.797)
+PORTABLE_COSTS = BackendCosts(library=39_370_547, k_weights=1.79, train_fixed=6_673_220, k_dequant=0.503,
+                              k_acts=1.417, e0=2_343_313, e1=0.179, eval_weights=2.385)
+
+
 def card(manifest: Manifest) -> dict:
     c = manifest.memory
     if not c or "activations_per_example" not in c:
@@ -92,43 +132,45 @@ def has_seq(manifest: Manifest) -> bool:
     return any(isinstance(d, str) and d != "batch" for io in manifest.inputs for d in io.shape)
 
 
+def model(backend: str) -> MemoryModel | None:
+    """The memory model backend's record names (None: it has none); BackendError for a name
+    that is no backend."""
+    # The registry holds this module's constants, so it is imported when asked (at the top it
+    # would be a cycle).
+    from edgepeft.backends import record
+
+    return record(backend).memory
+
+
+def predicted_backends() -> list[str]:
+    from edgepeft.backends import REGISTRY
+
+    return [name for name, r in REGISTRY.items() if r.memory is not None]
+
+
+def no_prediction(backend: str) -> str | None:
+    """What a precheck states for a backend the memory model cannot predict; None when it can."""
+    return None if model(backend) is not None else f"no prediction for backend {backend!r}; measured only"
+
+
 def predict(manifest: Manifest, *, backend: str, batch: int, seq: int | None = None,
             trainable_params: int | None = None) -> Prediction:
     """Peak RSS of each phase for ``batch`` examples of ``seq`` positions (default: the
-    bundle's max_length). ``trainable_params`` overrides the manifest's count (to ask
-    "what rank would fit")."""
-    if backend not in COSTS:
-        raise SpecError(f"no memory model for backend {backend!r}; known: {sorted(COSTS)}")
+    bundle's max_length), by the model of ``backend``'s record. ``trainable_params``
+    overrides the manifest's count (to ask "what rank would fit"). SpecError for a backend
+    without a model."""
+    m = model(backend)
+    if m is None:
+        raise SpecError(f"no memory prediction for backend {backend!r}: the memory model has none for it (it "
+                        f"predicts {predicted_backends()}). Measure it instead: a session with a memory budget "
+                        "meters every phase (Session.open(memory_budget=...), `edgepeft train --budget`)")
     if batch < 1:
         raise SpecError(f"`batch` must be >= 1, got {batch}")
     seq = manifest.max_length if seq is None or not has_seq(manifest) else seq
     if seq < 1:
         raise SpecError(f"`seq` must be >= 1, got {seq}")
-    k = COSTS[backend]
-    c = card(manifest)
-    t = 4 * (trainable_params if trainable_params is not None else manifest.trainable_params)
-    acts = activations(manifest, batch, seq)
-    per_position = batch * (c["activations_per_example"][1] + 2 * c["activations_per_example"][2] * seq)
-    parts = {
-        "interpreter": INTERPRETER,
-        "library": k.library,
-        "weights": int(k.k_weights * c["frozen_bytes"]),
-        "adapter": t,
-        "train_fixed": k.train_fixed,
-        "dequantized": int(k.k_dequant * c["dequant_fp32_bytes"]),
-        "activations": int(k.k_acts * acts),
-        "gradients": t,
-        "optimizer_state": 2 * t,
-        "evaluate_extra": int(k.e0 + k.e1 * per_position * seq + k.eval_weights * c["frozen_bytes"]),
-        "second_adapter": 3 * t,
-    }
-    p = parts
-    opened = p["interpreter"] + p["library"] + p["weights"] + p["adapter"]
-    train = opened + p["train_fixed"] + p["dequantized"] + p["activations"] + p["gradients"] + p["optimizer_state"] + p["adapter"]
-    evaluate = train + p["evaluate_extra"]
-    phases = {"open": opened, "train_step": train, "evaluate": evaluate,
-              "swap": evaluate + p["second_adapter"], "infer": evaluate + p["second_adapter"]}
-    return Prediction(backend, batch, seq, phases, parts)
+    t = trainable_params if trainable_params is not None else manifest.trainable_params
+    return dataclasses.replace(m.predict(manifest, batch=batch, seq=seq, trainable_params=t), backend=backend)
 
 
 def largest(fits, hi: int) -> int:
@@ -148,13 +190,16 @@ def largest_batch(manifest: Manifest, *, backend: str, seq: int | None, budget: 
     return largest(lambda b: predict(manifest, backend=backend, batch=b, seq=seq).session_peak() <= budget, upto)
 
 
-def check(manifest: Manifest, *, backend: str, batch: int | None, seq: int | None, budget: int, what: str) -> None:
+def check(manifest: Manifest, *, backend: str, batch: int | None, seq: int | None, budget: int,
+          what: str) -> str | None:
     """Refuse, before anything is allocated, a configuration predicted over ``budget`` (bytes
-    a session may add to the process); ``batch=None`` checks opening only. Bundles without a
-    memory card, or backends without a model, are not refused here (the session still
-    measures every phase)."""
-    if backend not in COSTS or not manifest.memory:
-        return
+    a session may add to the process); ``batch=None`` checks opening only. For a backend the
+    memory model has no prediction for, returns the note the caller must state ("no
+    prediction for backend X; measured only") instead. Bundles without a memory card are not
+    refused here (the session still measures every phase)."""
+    note = no_prediction(backend)
+    if note is not None or not manifest.memory:
+        return note
     pred = predict(manifest, backend=backend, batch=batch or 1, seq=seq)
     need, worst = ((pred.phases["open"], "open") if batch is None
                    else (pred.peak, max(pred.phases, key=pred.phases.get)))
@@ -168,3 +213,4 @@ def check(manifest: Manifest, *, backend: str, batch: int | None, seq: int | Non
             f"{fmt_bytes(budget)}: lower the batch size or sequence length (`edgepeft profile` shows the largest "
             "that fit), pass micro_batch=True to split batches, export with a lower rank or an int8 base, or "
             "raise the budget")
+    return None

@@ -30,15 +30,13 @@ EXECUTORCH_BATCH_SIZE = "batch_size"
 # exporter's loss wrapper and int8-base wrapper each add one "m." level).
 EXECUTORCH_PARAM_PREFIX = "m.m."
 
-# Backends a bundle can carry (manifest "backends" keys).
+# Backends a bundle can carry (manifest "backends" keys): the names only; everything else about
+# a backend is its record in edgepeft.backends.REGISTRY.
 BACKEND_ORT = "ort-training"
 BACKEND_PORTABLE = "portable"
 BACKEND_EXECUTORCH = "executorch"
 # Block-wise training on any onnxruntime (lean/ graphs, weights stored once, memory-mapped).
 BACKEND_LEAN = "lean"
-# What export_bundle writes when not told: ExecuTorch only when asked (its export is slow).
-DEFAULT_EXPORT_BACKENDS = (BACKEND_ORT, BACKEND_PORTABLE)
-EXPORT_BACKENDS = (BACKEND_ORT, BACKEND_PORTABLE, BACKEND_LEAN, BACKEND_EXECUTORCH)
 
 # Graph I/O.
 LABELS_INPUT = "labels"
@@ -57,3 +55,14 @@ PEFT_PREFIX = "base_model.model."
 Q_SUFFIX = "_q"
 SCALE_SUFFIX = "_scale"
 ZP_SUFFIX = "_zp"
+
+
+def __getattr__(attr: str):
+    """``DEFAULT_EXPORT_BACKENDS`` (what export_bundle writes when not told) and
+    ``EXPORT_BACKENDS`` (all it can write) are the registry's (edgepeft.backends), read from
+    it when asked: the registry imports this module, so they cannot be copied here."""
+    if attr in ("DEFAULT_EXPORT_BACKENDS", "EXPORT_BACKENDS"):
+        from edgepeft import backends
+
+        return getattr(backends, attr)
+    raise AttributeError(f"module {__name__!r} has no attribute {attr!r}")

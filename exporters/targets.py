@@ -1,6 +1,7 @@
 """One builder per backend a bundle can carry: each takes the injected model, the forward graph
 and the export's temporary folder, and returns the backend's ``BackendTarget`` (its manifest
-entry and files). ``BUILDERS`` maps an export backend's name to its builder."""
+entry and files). ``BUILDERS`` maps an export backend's name to its builder, as the backends'
+records (edgepeft.backends) name them."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -8,8 +9,8 @@ from typing import Callable
 
 import onnx
 
-from edgepeft import names
-from edgepeft.exporters import executorch_export, gradient_graph, lean, onnx_graph, ort_artifacts
+from edgepeft import backends, names
+from edgepeft.exporters import executorch_export, gradient_graph, onnx_graph, ort_artifacts
 from edgepeft.exporters.stages import BackendTarget, ForwardGraph, InjectedModel
 
 # The manifest entry of the standalone inference model every bundle carries.
@@ -56,13 +57,10 @@ def build_executorch(injected: InjectedModel, forward: ForwardGraph, tmp: Path) 
                          files)
 
 
-# Export backend -> its builder, in the order bundles list them.
-BUILDERS: dict[str, Builder] = {
-    names.BACKEND_ORT: build_ort,
-    names.BACKEND_PORTABLE: build_portable,
-    names.BACKEND_LEAN: lean.build_target,
-    names.BACKEND_EXECUTORCH: build_executorch,
-}
+# Export backend -> its builder (the record's ``export`` path; a builder of this module is
+# defined above, so the module resolves from itself), in the registry's order, which bundles
+# list them in.
+BUILDERS: dict[str, Builder] = {name: backends.load(r.export) for name, r in backends.REGISTRY.items()}
 # Backends left out with a warning, rather than failing the export, when the caller named no
 # backends and the model cannot be turned into one.
-BEST_EFFORT = frozenset({names.BACKEND_PORTABLE})
+BEST_EFFORT = frozenset(name for name, r in backends.REGISTRY.items() if r.best_effort)

@@ -10,26 +10,24 @@ so an outer phase sees the peak since the innermost reset."""
 from __future__ import annotations
 
 import time
+import warnings
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Callable, Iterator
 
-from edgepeft import names
+from edgepeft.backends import REGISTRY
 from edgepeft.bundle import OpenedBundle
 from edgepeft.errors import MemoryBudgetError
 from edgepeft.memory import fmt_bytes, peak_rss_bytes, reset_peak, rss_bytes
 
 
 def static_bytes(bundle: OpenedBundle, backend: str) -> int:
-    """What loading the bundle for training on ``backend`` costs at the least: the graphs and
-    tensors it loads, and per trainable float a gradient and two AdamW moments."""
+    """What loading the bundle for training on ``backend`` costs at the least: the members its
+    entry names and those its record says it also loads, and per trainable float a gradient
+    and two AdamW moments."""
     m = bundle.manifest
-    if backend in m.backends:
-        members = list(m.backends[backend].values())
-        if backend == names.BACKEND_PORTABLE:
-            members.append(names.INFERENCE_MODEL)
-    else:
-        members = []
+    entry, rec = m.backends.get(backend), REGISTRY.get(backend)
+    members = [] if entry is None else [*entry.members.values(), *(rec.loads if rec is not None else ())]
     files = sum(bundle.path(x).stat().st_size for x in members if x in m.members)
     return files + 3 * 4 * m.trainable_params
 
@@ -59,11 +57,19 @@ class MemoryBudget:
     seconds: dict[str, float] = field(default_factory=dict)
     last: PhaseReading | None = None
     exact: bool = False  # whether the high-water mark can be reset here (else peaks are since process start)
+    # What the budget could not check before running (e.g. "no prediction for backend X; measured only").
+    notes: list[str] = field(default_factory=list)
 
     def start(self) -> None:
         """Read the baseline (the resident memory now) and restart the high-water mark."""
         self.baseline = rss_bytes()
         self.exact = reset_peak()
+
+    def note(self, text: str) -> None:
+        """State something the budget could not check: a warning, and kept in ``notes`` (once)."""
+        if text not in self.notes:
+            self.notes.append(text)
+            warnings.warn(text, stacklevel=3)
 
     def precheck(self, need: int, what: str) -> None:
         if self.limit is not None and need > self.limit:

@@ -20,7 +20,7 @@ from edgepeft.errors import AdapterError, DataError, MemoryBudgetError, Numerica
 from edgepeft.manifest import Manifest
 from edgepeft.memory import parse_size
 from edgepeft.optim import Optimizer, OptimizerSpec
-from edgepeft.runtime.backends import Backend, make_backend
+from edgepeft.runtime.backends import Backend, make_backend, resolve
 from edgepeft.runtime.backends.base import eval_predictions
 from edgepeft.runtime.batching import accumulate
 from edgepeft.runtime.budget import MemoryBudget, static_bytes
@@ -50,8 +50,10 @@ def _precheck(budget: MemoryBudget, bundle: OpenedBundle, what: str, batch: int 
         where = f"{what} on {name}"
         budget.precheck(static_bytes(bundle, name), where)
         if budget.limit is not None:
-            memory_model.check(bundle.manifest, backend=name, batch=batch, seq=None, budget=budget.limit,
-                               what=where)
+            note = memory_model.check(bundle.manifest, backend=name, batch=batch, seq=None, budget=budget.limit,
+                                      what=where)
+            if note is not None:  # stated, never skipped silently: the measured phases still apply
+                budget.note(note)
     return check
 
 
@@ -97,7 +99,16 @@ class Session:
         predicted over it before running it; ``micro_batch=True`` instead splits such a batch
         into the largest micro-batches that fit and accumulates their gradients (the step
         equals the full batch's). If measured memory still crosses the budget after a step,
-        the adapter is saved and MemoryBudgetError raised.
+        the adapter is saved and MemoryBudgetError raised. A backend the memory model has no
+        prediction for is measured only: the precheck says so ("no prediction for backend X;
+        measured only": a warning, and in ``session.budget.notes``).
+
+        ``backend``: a name of edgepeft.backends.REGISTRY, or "auto": the first backend, in the
+        registry's order (ort-training, portable, lean, executorch), that the bundle carries and
+        this machine can run. With a ``memory_budget``, "auto" instead prefers, among those,
+        the one the memory model predicts leanest (at ``batch_size``, else 1) within the budget;
+        backends it has no prediction for come after those, in the registry's order, and
+        backends predicted over the budget last.
 
         ``trusted_keys`` (publisher public keys: .pub files from `edgepeft keygen`, PEM bytes or
         key objects): only a bundle signed by one of them opens (SignatureError otherwise).
@@ -109,7 +120,8 @@ class Session:
         bundle = open_bundle(Path(path), Path(cache_dir) if cache_dir else None, trusted_keys=trusted_keys)
         with budget.phase("open"):
             precheck = _precheck(budget, bundle, f"bundle {Path(path).name!r}", batch_size)
-            be = make_backend(backend, bundle, threads=threads, precheck=precheck)
+            name = resolve(backend, bundle.manifest, budget=budget.limit, batch=batch_size)
+            be = make_backend(name, bundle, threads=threads, precheck=precheck)
             store_dir = Path(store) if store else default_store(Path(path))
             s = cls(bundle, be, AdapterStore(store_dir, bundle.manifest), budget, optimizer or OptimizerSpec())
             s.micro_batch = micro_batch
@@ -261,6 +273,10 @@ class Session:
         """``b`` as micro-batches predicted to fit the budget (just ``[b]`` without a budget)."""
         limit = self.budget.limit
         if limit is None or not self.manifest.memory:
+            return [b]
+        note = memory_model.no_prediction(self.backend.name)
+        if note is not None:  # nothing to check or split by: the measured phase still applies
+            self.budget.note(note)
             return [b]
         seq = next((b.feeds[io.name].shape[1] for io in self.manifest.inputs
                     if len(io.shape) > 1 and isinstance(io.shape[1], str)), None)

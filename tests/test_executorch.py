@@ -63,15 +63,15 @@ def test_bundle_holds_int8_programs_with_their_batch(bundle):
     d, res = bundle
     m = res.manifest
     entry = m.backends["executorch"]
-    assert entry[names.EXECUTORCH_BATCH_SIZE] == str(BATCH)
-    assert {entry["training_program"], entry["inference_program"]} <= set(m.members)
+    assert entry.settings[names.EXECUTORCH_BATCH_SIZE] == BATCH
+    assert {entry.members["training_program"], entry.members["inference_program"]} <= set(m.members)
     from edgepeft.bundle import open_bundle
 
     b = open_bundle(res.path, d / "cache")
     # The frozen base is int8 in both programs: as fp32 the quantized weights alone would take
     # fp32_bytes, more than either whole program (graph and other tensors included).
     for role in ("training_program", "inference_program"):
-        size = b.path(entry[role]).stat().st_size
+        size = b.path(entry.members[role]).stat().st_size
         assert size < m.quantization["fp32_bytes"], (role, size, m.quantization["fp32_bytes"])
 
 

@@ -11,7 +11,8 @@ from pathlib import Path
 
 import click
 
-from edgepeft.cli._shared import console, out_option, progress
+from edgepeft.cli._shared import backend_choice, console, out_option, progress
+from edgepeft.names import BACKEND_ORT
 
 USERS = {
     # Each user follows three topics; their held-out articles are never trained on.
@@ -27,17 +28,16 @@ LR = 3e-3
             show_default=True, type=click.Path(file_okay=False, path_type=Path))
 @click.option("--steps", default=30, show_default=True, type=click.IntRange(min=1), help="Training steps per user.")
 @click.option("--budget", default="1GB", show_default=True, help="Memory budget of the device session.")
-@click.option("--backend", default="ort-training", show_default=True,
-              type=click.Choice(["ort-training", "portable", "executorch"]),
-              help="Runtime backend (portable: plain onnxruntime; executorch: ExecuTorch, batch fixed at "
-                   "export; both exports take a minute or two longer).")
+@click.option("--backend", default=BACKEND_ORT, show_default=True, type=backend_choice(auto=False),
+              help="Runtime backend to export for and train on (`edgepeft inspect` shows what each needs; "
+                   "exports other than the default take a minute or two longer).")
 def demo(out: Path, steps: int, budget: str, backend: str) -> None:
     """Export MiniLM + LoRA (int8 base), personalize two users on BBC News, hot-swap."""
     run_demo(out, steps=steps, budget=budget, backend=backend)
 
 
 def run_demo(out: Path, *, steps: int = 30, budget: str = "1GB", n_test: int = 60,
-             backend: str = "ort-training") -> dict:
+             backend: str = BACKEND_ORT) -> dict:
     from edgepeft.memory import fmt_bytes
     from edgepeft.runtime import OptimizerSpec, Session
 

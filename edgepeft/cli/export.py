@@ -5,7 +5,7 @@ from pathlib import Path
 
 import click
 
-from edgepeft.cli._shared import names, out_option
+from edgepeft.cli._shared import backend_choice, export_backends_help, names, out_option
 
 
 @click.command()
@@ -24,9 +24,7 @@ from edgepeft.cli._shared import names, out_option
               help="A PEFT method (repeat for hybrids), e.g. 'prompt:n_tokens=8', 'bitfit', "
                    "'adapter:kind=pfeiffer,size=32', 'lora:rank=4,targets=query|value'. "
                    "When given, replaces the LoRA options above.")
-@click.option("--backend", "backends", multiple=True, type=click.Choice(["ort-training", "portable", "executorch"]),
-              help="Training graphs to write (repeatable). Default: both (portable left out with a "
-                   "warning where the model cannot be turned into one).")
+@click.option("--backend", "backends", multiple=True, type=backend_choice(auto=False), help=export_backends_help())
 @click.option("--init-adapter", type=click.Path(exists=True, file_okay=False, path_type=Path),
               help="A PEFT LoRA adapter folder (e.g. trained with HF PEFT) to start from.")
 @click.option("--executorch-batch-size", default=8, show_default=True, type=click.IntRange(min=1),

@@ -32,27 +32,23 @@ def inspect_bundle(bundle: Path, as_json: bool) -> None:
     c.print(_members_table(m))
 
 
-# What each runtime backend does with a bundle that carries it.
-_BACKEND_CAPS = {
-    "ort-training": ("train, evaluate, infer, swap", "any", "onnxruntime-training-cpu 1.19.2 (x86_64)"),
-    "portable": ("train, evaluate, infer, swap", "any", "any onnxruntime >= 1.17; no torch"),
-    "executorch": ("train, evaluate, infer (XNNPACK), swap", "fixed", "executorch 1.5.1 (its Python runtime imports torch)"),
-}
-
-
 def _backends_table(m):
-    """One row per training backend: present in the bundle, what it does, its batch, and
-    whether it can run here."""
+    """One row per runtime backend of the registry (edgepeft.backends): present in the bundle,
+    what it does, its batch, what it needs, whether the memory model predicts it and whether it
+    can run here."""
     from rich.table import Table
 
+    from edgepeft.backends import REGISTRY
     from edgepeft.runtime.backends import available
 
-    tab = Table("backend", "in bundle", "can", "batch", "needs", "runs here")
-    for name, (can, batch, needs) in _BACKEND_CAPS.items():
-        entry = m.backends.get(name)
-        if batch == "fixed":
-            batch = f"batch {entry.get('batch_size')} (pads/splits)" if entry else "fixed at export"
-        tab.add_row(name, "yes" if entry is not None else "no", can, batch, needs, "yes" if available(name) else "no")
+    tab = Table("backend", "in bundle", "can", "batch", "needs", "predicted", "runs here")
+    for name, r in REGISTRY.items():
+        entry, caps = m.backends.get(name), r.caps
+        batch = caps.batch
+        if caps.batch_setting is not None:
+            batch = f"batch {entry.settings.get(caps.batch_setting)} (pads/splits)" if entry else "fixed at export"
+        tab.add_row(name, "yes" if entry is not None else "no", caps.can, batch, caps.needs,
+                    "yes" if r.memory is not None else "no", "yes" if available(name) else "no")
     return tab
 
 

@@ -7,7 +7,7 @@ from pathlib import Path
 import click
 
 from edgepeft import devices as devices_mod
-from edgepeft.cli._shared import console
+from edgepeft.cli._shared import auto_help, backend_choice, console
 from edgepeft.errors import SpecError
 from edgepeft.memory import fmt_bytes
 
@@ -17,6 +17,17 @@ _profiles = click.option("--profiles", "profile_files", multiple=True,
                               "devices.toml; a device of the same name replaces the built-in one).")
 # The device tables are wide; a fixed width keeps them whole when piped.
 _WIDTH = 140
+
+
+def _prediction_help() -> str:
+    """Which backends the memory model predicts (the others are refused: nothing to fit devices by)."""
+    from edgepeft.backends import REGISTRY
+
+    have = [n for n, r in REGISTRY.items() if r.memory is not None]
+    lack = [n for n, r in REGISTRY.items() if r.memory is None]
+    return (f"The memory model predicts {', '.join(have)}" + (
+        f"; it has no prediction for {', '.join(lack)} (measure those with `edgepeft train --budget`)." if lack
+        else "."))
 
 
 @click.command()
@@ -41,8 +52,8 @@ def devices(profile_files: tuple[Path, ...], as_json: bool) -> None:
 @click.option("--device", "device_names", multiple=True, help="A device profile to check (repeatable).")
 @click.option("--all-devices", is_flag=True, help="Check every device profile.")
 @_profiles
-@click.option("--backend", default="auto", show_default=True,
-              help="Training backend: ort-training, portable, or auto (as Session.open picks it).")
+@click.option("--backend", default="auto", show_default=True, type=backend_choice(auto=True),
+              help=f"Training backend; {auto_help(budget=False)}. {_prediction_help()}")
 @click.option("--batch", default=8, show_default=True, help="Training batch size.")
 @click.option("--seq", type=int, default=None, help="Sequence length (default: the bundle's max_length).")
 @click.option("--threads", type=int, default=None, help="onnxruntime threads for the measured run.")
@@ -70,6 +81,7 @@ def profile(bundle: Path, device_names: tuple[str, ...], all_devices: bool, prof
         raise SpecError("--enforce runs the bundle for real: drop --predict-only")
     manifest = open_bundle(bundle).manifest
     backend = resolve(backend, manifest)
+    _require_prediction(backend, manifest)
     pred = predict(manifest, backend=backend, batch=batch, seq=seq)
     measured = None if predict_only else profiler.measure(bundle, backend=backend, batch=batch, seq=pred.seq,
                                                           threads=threads)
@@ -89,6 +101,20 @@ def profile(bundle: Path, device_names: tuple[str, ...], all_devices: bool, prof
         click.echo(json.dumps(report, indent=2))
     else:
         _print(report)
+
+
+def _require_prediction(backend: str, manifest) -> None:
+    """SpecError for a backend the memory model has no prediction for: the report and the
+    device fits are built on it."""
+    from edgepeft.memory_model import no_prediction, predicted_backends
+
+    note = no_prediction(backend)
+    if note is not None:
+        others = [b for b in predicted_backends() if b in manifest.backends]
+        raise SpecError(f"{note}: `edgepeft profile` fits devices by the memory model, which has no prediction for "
+                        f"{backend!r} yet. Measure it with a memory budget instead (`edgepeft train --budget ...` "
+                        "meters every phase)" + (f", or profile the bundle's {', '.join(others)} backend "
+                                                 f"(--backend {others[0]})" if others else ""))
 
 
 def _pick_devices(device_names: tuple[str, ...], all_devices: bool, profile_files: tuple[Path, ...]) -> list:

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import click
 
-from edgepeft.cli._shared import console, progress
+from edgepeft.cli._shared import auto_help, backend_choice, console, progress
 
 
 @click.command()
@@ -25,8 +25,7 @@ from edgepeft.cli._shared import console, progress
 @click.option("--threads", default=None, type=click.IntRange(min=1), help="Compute threads.")
 @click.option("--seed", default=0, show_default=True, help="Shuffling seed.")
 @click.option("--backend", default="auto", show_default=True,
-              type=click.Choice(["auto", "ort-training", "portable", "executorch"]),
-              help="auto: ort-training where its package is installed, else portable, else executorch.")
+              type=backend_choice(auto=True), help=auto_help(budget=True) + ".")
 @click.option("--trust", "trust", multiple=True, type=click.Path(exists=True, dir_okay=False, path_type=Path),
               envvar="EDGEPEFT_TRUSTED_KEYS",
               help="Only open BUNDLE if one of these public keys (.pub from `edgepeft keygen`) signed it. Repeatable.")

@@ -1,69 +1,71 @@
-"""Runtime backends behind one Protocol; chosen by name, or "auto": ort-training where the
-training build is installed and the bundle has its artifacts, else portable, else executorch
-(last: its Python runtime imports torch)."""
+"""Runtime backends behind one Protocol, as their records in edgepeft.backends.REGISTRY
+describe them: chosen by name, or "auto" (``resolve``). Nothing here names a backend: a
+backend's loader, its availability check and its place in "auto"'s order are its record's."""
 from __future__ import annotations
 
 import importlib.util
 from typing import Callable
 
-from edgepeft import names
+from edgepeft import memory_model
+from edgepeft.backends import REGISTRY, load, record
 from edgepeft.bundle import OpenedBundle
-from edgepeft.errors import BackendError
-from edgepeft.runtime.backends._ort_import import has_training_build
+from edgepeft.errors import BackendError, EdgePeftError
+from edgepeft.manifest import Manifest
 from edgepeft.runtime.backends.base import Backend
 
-BACKENDS = (names.BACKEND_ORT, names.BACKEND_PORTABLE, names.BACKEND_LEAN, names.BACKEND_EXECUTORCH)
+BACKENDS = tuple(REGISTRY)
 
 
 def available(name: str) -> bool:
-    if name == names.BACKEND_ORT:
-        return has_training_build()
-    if name in (names.BACKEND_PORTABLE, names.BACKEND_LEAN):
-        return importlib.util.find_spec("onnxruntime") is not None
-    if name == names.BACKEND_EXECUTORCH:
-        # The backend module imports torch only when a backend is built.
-        from edgepeft.runtime.backends.executorch import available as et_available
-
-        return et_available()
-    return False
+    """Whether backend ``name`` can run here: the modules its record requires are installed
+    (found, not imported: nothing heavy loads) and its special check, if any, passes."""
+    r = REGISTRY.get(name)
+    if r is None or any(importlib.util.find_spec(m) is None for m in r.requires):
+        return False
+    return r.check is None or bool(load(r.check)())
 
 
-def resolve(name: str, manifest) -> str:
-    """The backend "auto" stands for with this bundle here: the first of BACKENDS the bundle
-    has and this machine can run. Other names pass through."""
+def resolve(name: str, manifest: Manifest, *, budget: int | None = None, batch: int | None = None) -> str:
+    """The backend "auto" stands for with this bundle here; other names pass through.
+
+    Without ``budget``: the first of BACKENDS (the registry's order) the bundle has and this
+    machine can run. With ``budget`` (bytes a session may add): among those, the one the memory
+    model predicts leanest at ``batch`` (default 1) within the budget; then those it has no
+    prediction for, in the registry's order; then those predicted over it."""
     if name != "auto":
         return name
-    found = next((b for b in BACKENDS if b in manifest.backends and available(b)), "")
-    if not found:
+    here = [b for b in BACKENDS if b in manifest.backends and available(b)]
+    if not here:
+        needs = "; ".join(f"{b}: {REGISTRY[b].caps.needs}" for b in BACKENDS if b in manifest.backends)
         raise BackendError(f"no runtime backend available here for this bundle (it has "
-                           f"{sorted(manifest.backends)}); install onnxruntime (portable) or "
-                           "onnxruntime-training-cpu==1.19.2 (ort-training)")
-    return found
+                           f"{sorted(manifest.backends)}); install what one of its backends needs ({needs})")
+    if budget is None:
+        return here[0]
+    # min keeps the registry's order among equal keys.
+    return min(here, key=lambda b: _budget_rank(manifest, b, budget, batch or 1))
+
+
+def _budget_rank(manifest: Manifest, backend: str, budget: int, batch: int) -> tuple[int, int]:
+    """(0: predicted within ``budget``, 1: no prediction, 2: predicted over it; the predicted
+    session peak) for "auto" under a budget."""
+    if memory_model.no_prediction(backend) is not None or not manifest.memory:
+        return 1, 0
+    try:
+        need = memory_model.predict(manifest, backend=backend, batch=batch).session_peak()
+    except EdgePeftError:  # e.g. a memory card without this backend's section (an older export)
+        return 1, 0
+    return (0 if need <= budget else 2), need
 
 
 def make_backend(name: str, bundle: OpenedBundle, *, threads: int | None,
                  precheck: Callable[[str], None] = lambda name: None) -> Backend:
-    """``precheck(name)`` runs once the backend is chosen, before it loads anything."""
+    """Backend ``name`` (or "auto", without a budget) loaded for ``bundle``: its record's loader
+    class, imported now. ``precheck(name)`` runs once the backend is chosen, before it loads
+    anything."""
     name = resolve(name, bundle.manifest)
-    if name in BACKENDS:
-        precheck(name)
-    if name == names.BACKEND_ORT:
-        from edgepeft.runtime.backends.ort_training import OrtTrainingBackend
-
-        return OrtTrainingBackend(bundle, threads=threads)
-    if name == names.BACKEND_PORTABLE:
-        from edgepeft.runtime.backends.portable import PortableBackend
-
-        return PortableBackend(bundle, threads=threads)
-    if name == names.BACKEND_LEAN:
-        from edgepeft.runtime.backends.lean import LeanBackend
-
-        return LeanBackend(bundle, threads=threads)
-    if name == names.BACKEND_EXECUTORCH:
-        from edgepeft.runtime.backends.executorch import ExecutorchBackend
-
-        return ExecutorchBackend(bundle, threads=threads)
-    raise BackendError(f"unknown backend {name!r}; known: {list(BACKENDS)}")
+    loader = record(name).loader
+    precheck(name)
+    return load(loader)(bundle, threads=threads)
 
 
 __all__ = ["BACKENDS", "Backend", "available", "make_backend", "resolve"]

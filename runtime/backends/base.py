@@ -12,6 +12,7 @@ import numpy as np
 from edgepeft.bundle import OpenedBundle
 from edgepeft.data import Batch
 from edgepeft.errors import BackendError, DataError
+from edgepeft.manifest import BackendEntry
 
 
 @runtime_checkable
@@ -36,7 +37,7 @@ class Backend(Protocol):
     def close(self) -> None: ...
 
 
-def backend_entry(bundle: OpenedBundle, name: str, what: str) -> dict:
+def backend_entry(bundle: OpenedBundle, name: str, what: str) -> BackendEntry:
     """The manifest's entry for backend ``name`` (its member files and settings); BackendError
     naming ``what`` is missing when the bundle was exported without that backend."""
     entry = bundle.manifest.backends.get(name)

@@ -55,8 +55,8 @@ class ExecutorchBackend:
         m = bundle.manifest
         entry = backend_entry(bundle, self.name, "ExecuTorch programs")
         try:
-            self.batch_size = int(entry[names.EXECUTORCH_BATCH_SIZE])
-            training, inference = entry["training_program"], entry["inference_program"]
+            self.batch_size = int(entry.settings[names.EXECUTORCH_BATCH_SIZE])
+            training, inference = entry.members["training_program"], entry.members["inference_program"]
         except (KeyError, ValueError) as e:
             raise BackendError(f"the bundle's executorch entry is malformed ({e!r}); re-export the bundle") from None
         torch, load_training, lib = _runtime()

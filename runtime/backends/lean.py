@@ -69,8 +69,8 @@ class LeanBackend:
     def __init__(self, bundle: OpenedBundle, *, threads: int | None = None):
         entry = backend_entry(bundle, self.name, "lean graphs")
         self._bundle = bundle
-        self._plan = json.loads(bundle.path(entry["plan"]).read_text())
-        self._weights = MappedWeights(bundle.path(entry["weights"]))
+        self._plan = json.loads(bundle.path(entry.members["plan"]).read_text())
+        self._weights = MappedWeights(bundle.path(entry.members["weights"]))
         self._opts = self._options(threads)
         self._sessions: dict[str, object] = {}
         self._trainable = bundle.manifest.trainable_names

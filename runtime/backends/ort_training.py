@@ -17,17 +17,18 @@ class OrtTrainingBackend:
     name = names.BACKEND_ORT
 
     def __init__(self, bundle: OpenedBundle, *, threads: int | None = None):
-        backend_entry(bundle, self.name, "ort-training artifacts")
+        entry = backend_entry(bundle, self.name, "ort-training artifacts")
         api = training_api()
         import onnxruntime as ort
 
         opts = session_options(ort, threads)
         self._trainable = bundle.manifest.trainable_names
-        self._state = api.CheckpointState.load_checkpoint(str(bundle.path(names.ORT_CHECKPOINT)))
+        paths = {role: str(bundle.path(member)) for role, member in entry.members.items()}
+        self._state = api.CheckpointState.load_checkpoint(paths["checkpoint"])
         # The Module must exist before any parameter assignment (assigning into a bare
         # CheckpointState segfaults in 1.19.2).
-        self._module = api.Module(str(bundle.path(names.ORT_TRAINING_MODEL)), self._state,
-                                  str(bundle.path(names.ORT_EVAL_MODEL)), device="cpu", session_options=opts)
+        self._module = api.Module(paths["training_model"], self._state, paths["eval_model"], device="cpu",
+                                  session_options=opts)
         self._inputs = list(self._module.input_names())
         self._causal = bundle.manifest.task == "causal-lm"
 

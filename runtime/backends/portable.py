@@ -36,7 +36,7 @@ class PortableBackend:
         # the frozen base int8 in memory.
         self._session = lambda member: ort.InferenceSession(
             str(bundle.path(member)), opts, providers=["CPUExecutionProvider"], disabled_optimizers=["ConstantFolding"])
-        self._grad = self._session(entry["gradient_model"])
+        self._grad = self._session(entry.members["gradient_model"])
         self._infer_session = None  # made on first evaluate/infer: training alone never pays for it
         self._trainable = m.trainable_names
         self._inputs = [i.name for i in m.inputs]
