@@ -108,13 +108,12 @@ def _require_prediction(backend: str, manifest) -> None:
     device fits are built on it."""
     from edgepeft.memory_model import no_prediction, predicted_backends
 
-    note = no_prediction(backend)
-    if note is not None:
+    if no_prediction(backend) is not None:
         others = [b for b in predicted_backends() if b in manifest.backends]
-        raise SpecError(f"{note}: `edgepeft profile` fits devices by the memory model, which has no prediction for "
-                        f"{backend!r} yet. Measure it with a memory budget instead (`edgepeft train --budget ...` "
-                        "meters every phase)" + (f", or profile the bundle's {', '.join(others)} backend "
-                                                 f"(--backend {others[0]})" if others else ""))
+        raise SpecError(f"no prediction for backend {backend!r}: `edgepeft profile` fits devices by the memory model, "
+                        "which has none for it yet. Measure it with a memory budget instead (`edgepeft train "
+                        "--budget ...` meters every phase)" + (f", or profile the bundle's {', '.join(others)} "
+                                                               f"backend (--backend {others[0]})" if others else ""))
 
 
 def _pick_devices(device_names: tuple[str, ...], all_devices: bool, profile_files: tuple[Path, ...]) -> list:
