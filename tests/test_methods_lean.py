@@ -154,3 +154,36 @@ def test_lean_gemma3_groups_blocks_by_attention_type(tmp_path):
     np.testing.assert_allclose(s.infer(batch.feeds), ref_logits, atol=1e-5)
     for n, g in grads.items():
         np.testing.assert_allclose(g, ref_grads[n], atol=1e-5, rtol=1e-3, err_msg=n)
+
+
+@pytest.mark.slow
+def test_lean_smollm2_parity_with_eager(tmp_path):
+    """The real model: SmolLM2-135M with LoRA r8 on q/v over the int8 base, one lean step's loss
+    and gradients against eager PyTorch on the same weights and batch (1e-4 relative), and the
+    logits of the chunked head."""
+    from edgepeft.data import Batch
+    from edgepeft.exporters import export_bundle, load_model
+    from edgepeft.specs import LoraSpec
+
+    res = export_bundle(load_model("smollm2-135m", max_length=32), methods=[LoraSpec(rank=8, alpha=16,
+                        targets=("q_proj", "v_proj"))], out=tmp_path / "lm.edgepeft", backends=("lean",))
+    s = _open(res, tmp_path, 1e-3, "lean")
+    rng = np.random.default_rng(0)
+    start = {n: v + rng.normal(0, 0.02, v.shape).astype(np.float32) for n, v in s.parameters().items()}
+    s.backend.load_parameters(start)
+    _load_into_reference(res, start)
+    ids = rng.integers(4, 40000, size=(2, 24))
+    mask = np.ones_like(ids)
+    mask[1, 18:] = 0
+    labels = np.full(ids.shape, -100)
+    labels[:, :-1] = np.where(mask[:, 1:] > 0, ids[:, 1:], -100)
+    batch = Batch({"input_ids": ids, "attention_mask": mask}, labels)
+    ref_loss, ref_logits, ref_grads = _reference(res, batch, _ce)
+    loss, grads = s.backend.forward_backward(batch)
+    assert loss == pytest.approx(ref_loss, rel=1e-4)
+    for n, g in grads.items():
+        scale = float(np.abs(ref_grads[n]).max())
+        assert float(np.abs(g - ref_grads[n]).max()) <= 1e-4 * scale + 1e-7, n
+    np.testing.assert_allclose(s.infer(batch.feeds), ref_logits, atol=2e-4 * float(np.abs(ref_logits).max()))
+    r = s.evaluate([batch])
+    assert r.loss == pytest.approx(ref_loss, rel=1e-4)
