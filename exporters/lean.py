@@ -34,7 +34,7 @@ from edgepeft import names
 from edgepeft.errors import ExportError
 from edgepeft.exporters import onnx_graph
 from edgepeft.exporters.memory_card import lean_card
-from edgepeft.exporters.quantize import QuantizedTensor
+from edgepeft.exporters.quantize import INT4_BLOCK, MIN_SUFFIX, Int4Tensor, QuantizedTensor
 from edgepeft.exporters.zoo.parts import LeanParts
 
 OPSET = 18
@@ -134,24 +134,34 @@ def _trace_to_onnx(fn: Callable, args: list[torch.Tensor], in_names: list[str], 
     return onnx.load(str(path))
 
 
-def _params_to_int8_inputs(m: onnx.ModelProto, quantized: dict[str, QuantizedTensor]) -> None:
-    """Float weight inputs named in ``quantized`` become int8 + scale inputs (the reused int8
-    rewrite: DequantizeLinear, or int8 row gathers for embedding tables)."""
+def _params_to_quant_inputs(m: onnx.ModelProto, quantized: dict[str, QuantizedTensor | Int4Tensor]) -> None:
+    """Float weight inputs named in ``quantized`` become their stored form's inputs: int8 +
+    scale (the reused int8 rewrite: DequantizeLinear, or int8 row gathers for embedding tables),
+    or int4 packed codes + scales + mins (unpacked inside the graph, gathered tables by row)."""
     g = m.graph
     present = {i.name: i for i in g.input}
     todo = {k: v for k, v in quantized.items() if k in present}
     for name in todo:
         g.input.remove(present[name])
         g.initializer.append(onnx.numpy_helper.from_array(np.zeros(1, np.float32), name))
-    onnx_graph.apply_int8(m, todo)
+    int4 = {k: v for k, v in todo.items() if isinstance(v, Int4Tensor)}
+    onnx_graph.apply_int8(m, {k: v for k, v in todo.items() if k not in int4})
+    onnx_graph.apply_int4(m, int4)
     moved = {n + sfx for n in todo for sfx in (names.Q_SUFFIX, names.SCALE_SUFFIX)}
+    moved |= {n + MIN_SUFFIX for n in int4}
     for init in [i for i in g.initializer if i.name in moved]:
         g.initializer.remove(init)
         g.input.append(helper.make_tensor_value_info(init.name, init.data_type, list(init.dims)))
 
 
-def _finish(m: onnx.ModelProto, quantized: dict[str, QuantizedTensor], path: Path) -> None:
-    _params_to_int8_inputs(m, quantized)
+def _finish(m: onnx.ModelProto, quantized: dict[str, QuantizedTensor | Int4Tensor], path: Path) -> None:
+    _params_to_quant_inputs(m, quantized)
+    for node in m.graph.node:
+        # The exporter's per-node notes (host stack traces, FX nodes: ~2/3 of a graph's bytes),
+        # node names and intermediate shapes would ship in every bundle; onnxruntime needs none.
+        del node.metadata_props[:]
+        node.doc_string = node.name = ""
+    del m.graph.value_info[:]
     onnx.checker.check_model(m)
     if any(n.domain not in ("", "ai.onnx") for n in m.graph.node):
         raise ExportError("lean graphs use non-standard ONNX domains")
@@ -383,14 +393,25 @@ def _write_plan(c: _Ctx, plan: dict) -> dict[str, Path]:
         qt = c.quantized.get(name)
         if qt is None:
             weights[name] = p.detach().cpu().numpy().astype(np.float32)
+        elif isinstance(qt, Int4Tensor):
+            weights.update(_int4_members(name, qt))
         else:
             weights[name + names.Q_SUFFIX], weights[name + names.SCALE_SUFFIX] = qt.q, qt.scale
+    head = c.quantized.get(plan["head"]) if plan["head"] else None
+    if isinstance(head, Int4Tensor):  # the runtime's chunked head unpacks these (runtime.lean_head)
+        plan["head_int4"] = {"block": INT4_BLOCK, **{k: v for k, v in zip(("q", "scale", "min"),
+                                                                          _int4_members(plan["head"], head))}}
     # Stored once, uncompressed and aligned, so the device can memory-map it.
     save_file(weights, str(c.tmp / WEIGHTS_MEMBER))
     (c.tmp / PLAN_MEMBER).write_text(json.dumps(plan, indent=1))
     members = {PLAN_MEMBER, WEIGHTS_MEMBER, *(g[k] for g in [plan["pre"], plan["post"], *plan["graphs"].values()]
                                               for k in ("fwd", "vjp") if g.get(k))}
     return {m: c.tmp / m for m in sorted(members)}
+
+
+def _int4_members(name: str, qt: Int4Tensor) -> dict[str, np.ndarray]:
+    """The stored tensors of an int4 weight, by graph input name (what the lean graphs take)."""
+    return {name + names.Q_SUFFIX: qt.packed, name + names.SCALE_SUFFIX: qt.scale, name + MIN_SUFFIX: qt.min}
 
 
 def build_target(injected, forward, tmp: Path):

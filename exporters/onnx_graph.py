@@ -1,4 +1,4 @@
-"""The exported ONNX forward graph and its rewrites: int8 frozen weights, ORT-trainable
+"""The exported ONNX forward graph and its rewrites: int8 and int4 frozen weights, ORT-trainable
 LayerNorm, and overridable adapter inputs for the inference model."""
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 from edgepeft import names
 from edgepeft.errors import ExportError
-from edgepeft.exporters.quantize import QuantizedTensor
+from edgepeft.exporters.quantize import INT4_BLOCK, MIN_SUFFIX, Int4Tensor, QuantizedTensor
 from edgepeft.exporters.zoo import ModelSource
 
 OPSET = 17  # >= 17 for LayerNormalization; its missing outputs are added by add_layernorm_stats
@@ -54,7 +54,7 @@ def _consumers(graph: onnx.GraphProto, name: str) -> list[onnx.NodeProto]:
     return [n for n in graph.node if name in n.input]
 
 
-def _is_row_gather(node: onnx.NodeProto, name: str) -> bool:
+def is_row_gather(node: onnx.NodeProto, name: str) -> bool:
     axis = next((a.i for a in node.attribute if a.name == "axis"), 0)
     return node.op_type == "Gather" and node.input[0] == name and axis == 0
 
@@ -78,7 +78,7 @@ def apply_int8(model: onnx.ModelProto, quantized: dict[str, QuantizedTensor]) ->
         g.initializer.extend([numpy_helper.from_array(qt.q, q_name), numpy_helper.from_array(qt.scale, s_name)])
         added += [q_name, s_name]
         users = _consumers(g, name)
-        gathers = [n for n in users if _is_row_gather(n, name)]
+        gathers = [n for n in users if is_row_gather(n, name)]
         if gathers:
             for k, node in enumerate(gathers):
                 idx, out = node.input[1], node.output[0]
@@ -104,6 +104,83 @@ def apply_int8(model: onnx.ModelProto, quantized: dict[str, QuantizedTensor]) ->
     del g.node[:]
     g.node.extend(_toposort(nodes, {i.name for i in g.input} | {i.name for i in g.initializer}))
     return added
+
+
+def apply_int4(model: onnx.ModelProto, quantized: dict[str, Int4Tensor]) -> list[str]:
+    """Replace each fp32 initializer in ``quantized`` by its packed 4-bit codes (uint8), block
+    scales and block mins, unpacked inside the graph with standard ops (no int4 tensor type:
+    onnxruntime 1.19's Python API cannot feed one, and the lean graphs take weights as inputs).
+
+    As in ``apply_int8``: row Gathers of a table gather packed rows, scales and mins, and unpack
+    only those rows; every other reader gets the whole weight unpacked under its own name.
+    Returns the new initializer names."""
+    if not quantized:
+        return []
+    g = model.graph
+    inits = {i.name: i for i in g.initializer}
+    added: list[str] = []
+    new_nodes: list[onnx.NodeProto] = []
+    consts = {"/int4/low": np.array(0x0F, np.uint8), "/int4/four": np.array(4, np.uint8),
+              "/int4/last": np.array([-1], np.int64)}
+    for i, (name, qt) in enumerate(quantized.items()):
+        if name not in inits:
+            raise ExportError(f"quantized weight {name!r} is not an initializer of the exported graph")
+        g.initializer.remove(inits[name])
+        q_name, s_name, m_name = name + names.Q_SUFFIX, name + names.SCALE_SUFFIX, name + MIN_SUFFIX
+        g.initializer.extend([numpy_helper.from_array(qt.packed, q_name), numpy_helper.from_array(qt.scale, s_name),
+                              numpy_helper.from_array(qt.min, m_name)])
+        added += [q_name, s_name, m_name]
+        rows, cols = qt.shape
+        tag = f"int4_{i}"  # short: intermediate names are a good part of a small graph's bytes
+        consts[f"{tag}/tail"] = np.array([cols // INT4_BLOCK, INT4_BLOCK], np.int64)
+        consts[f"{tag}/cols"] = np.array([cols], np.int64)
+        users = _consumers(g, name)
+        gathers = [n for n in users if is_row_gather(n, name)]
+        for k, node in enumerate(gathers):
+            idx, out, t = node.input[1], node.output[0], f"{tag}g{k}"
+            node.input[0], node.output[0] = q_name, t + "/q"
+            new_nodes += [helper.make_node("Gather", [src, idx], [f"{t}/{part}"], axis=0, name=f"{t}/gather_{part}")
+                          for src, part in ((s_name, "s"), (m_name, "m"))]
+            new_nodes.append(helper.make_node("Shape", [idx], [t + "/lead"], name=t + "/lead"))
+            new_nodes += _unpack_int4(t, t + "/q", t + "/s", t + "/m", t + "/lead", tag, out)
+        if len(gathers) < len(users):
+            consts[f"{tag}/rows"] = np.array([rows], np.int64)
+            new_nodes += _unpack_int4(tag, q_name, s_name, m_name, f"{tag}/rows", tag, name)
+    g.initializer.extend(numpy_helper.from_array(v, k) for k, v in consts.items())
+    added += list(consts)
+    nodes = new_nodes + list(g.node)
+    del g.node[:]
+    g.node.extend(_toposort(nodes, {i.name for i in g.input} | {i.name for i in g.initializer}))
+    return added
+
+
+def _unpack_int4(tag: str, q: str, s: str, m: str, lead: str, shapes: str, out: str) -> list[onnx.NodeProto]:
+    """Nodes turning packed codes ``q`` (*lead, cols/2), scales ``s`` and mins ``m`` (*lead,
+    blocks) into ``out`` = q * s + m (*lead, cols) in float32: low nibble first, then the high
+    one, interleaved; then per block (the same two float32 operations as the numpy reference).
+    ``shapes``: the prefix of the weight's (blocks, block) and (cols,) shape constants."""
+    def node(op, ins, outs, **kw):
+        return helper.make_node(op, ins, [f"{tag}/{o}" if o != out else o for o in outs], name=f"{tag}/{outs[0]}", **kw)
+
+    t = lambda n: f"{tag}/{n}"  # noqa: E731
+    return [
+        node("BitwiseAnd", [q, "/int4/low"], ["lo"]),
+        node("BitShift", [q, "/int4/four"], ["hi"], direction="RIGHT"),
+        node("Unsqueeze", [t("lo"), "/int4/last"], ["lo1"]),
+        node("Unsqueeze", [t("hi"), "/int4/last"], ["hi1"]),
+        node("Concat", [t("lo1"), t("hi1")], ["pairs"], axis=-1),
+        node("Cast", [t("pairs")], ["codes"], to=TensorProto.FLOAT),
+        node("Concat", [lead, f"{shapes}/tail"], ["blocks_shape"], axis=0),
+        node("Reshape", [t("codes"), t("blocks_shape")], ["blocks"]),
+        node("Cast", [s], ["scale"], to=TensorProto.FLOAT),
+        node("Unsqueeze", [t("scale"), "/int4/last"], ["scale1"]),
+        node("Cast", [m], ["min"], to=TensorProto.FLOAT),
+        node("Unsqueeze", [t("min"), "/int4/last"], ["min1"]),
+        node("Mul", [t("blocks"), t("scale1")], ["scaled"]),
+        node("Add", [t("scaled"), t("min1")], ["shifted"]),
+        node("Concat", [lead, f"{shapes}/cols"], ["out_shape"], axis=0),
+        node("Reshape", [t("shifted"), t("out_shape")], [out]),
+    ]
 
 
 def _toposort(nodes: list[onnx.NodeProto], available: set[str]) -> list[onnx.NodeProto]:

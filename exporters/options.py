@@ -12,7 +12,11 @@ CAUSAL_LM = "causal-lm"  # the task of a next-token model (manifest "task")
 # task -> the loss trained on the device; for a plain nn.Module the loss chooses the task.
 LOSSES = {"classification": "cross_entropy", CAUSAL_LM: "causal_lm"}
 TASKS = {loss: task for task, loss in LOSSES.items()}
-QUANTS = ("int8", "none")
+QUANTS = ("int8", "int4", "none")
+# The backends whose graphs take int4 weights (unpacked in the graph from uint8 codes). The
+# others would need DequantizeLinear with block_size (opset 21) in graphs exported at opset
+# 17/18, which ORT training's gradient builder and ExecuTorch's int8 route do not take.
+INT4_BACKENDS = (names.BACKEND_LEAN,)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -22,8 +26,10 @@ class ExportOptions:
     # The training loss; None: the one the model's task implies. For a plain nn.Module it
     # chooses the task: "causal_lm" -> (batch, seq, vocab) logits over token-id labels.
     loss: Literal["cross_entropy", "causal_lm"] | None = None
-    # "int8": frozen 2-D weights stored int8 + per-row scale; "none": fp32.
-    quant: Literal["int8", "none"] = "int8"
+    # "int8": frozen 2-D weights stored int8 + per-row scale; "int4": 4-bit codes in blocks of 32
+    # along the input dimension with a scale and a min per block (lean backend only; a weight
+    # whose input dimension is not a multiple of 32 falls back to int8); "none": fp32.
+    quant: Literal["int8", "int4", "none"] = "int8"
     # For a plain nn.Module: class names (default "0".."n-1"; none for a causal LM), the
     # tokenizer.json text, the longest sequence, {input: {axis: name}} and the model's name.
     labels: tuple[str, ...] | None = None
@@ -45,11 +51,12 @@ class ExportOptions:
         if self.loss is not None and self.loss not in TASKS:
             raise SpecError(f"`loss` must be one of {list(TASKS)} or None (the model's own), got {self.loss!r}")
         if self.quant not in QUANTS:
-            raise SpecError(f"`quant` must be 'int8' or 'none', got {self.quant!r}")
+            raise SpecError(f"`quant` must be one of {list(QUANTS)}, got {self.quant!r}")
         _check_positive("max_length", self.max_length, "the longest token sequence the model takes, e.g. 128")
         _check_positive("executorch_batch_size", self.executorch_batch_size, "the rows per ExecuTorch step, e.g. 8")
         self._set("labels", _names("labels", self.labels))
         self._set("backends", _backends(self.backends))
+        _check_int4(self.quant, self.backends)
         self._set("dynamic_axes", _axes(self.dynamic_axes))
         for field in ("tokenizer_json", "name"):
             value = getattr(self, field)
@@ -77,6 +84,15 @@ class ExportOptions:
 def _check_positive(field: str, value, example: str) -> None:
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
         raise SpecError(f"`{field}` must be a positive int, got {value!r}: give {example}")
+
+
+def _check_int4(quant: str, backends: tuple[str, ...] | None) -> None:
+    if quant != "int4":
+        return
+    others = sorted(set(backends or names.DEFAULT_EXPORT_BACKENDS) - set(INT4_BACKENDS))
+    if others:
+        raise SpecError(f"`quant` 'int4' is available on the lean backend only, got backends {others}: export "
+                        f"with backends=('lean',), or use quant='int8' for {others}")
 
 
 def _names(field: str, value: Sequence[str] | None) -> tuple[str, ...] | None:

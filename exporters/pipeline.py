@@ -28,7 +28,7 @@ from edgepeft.exporters.memory_card import memory_card
 from edgepeft.exporters.options import CAUSAL_LM, LOSSES, TASKS, ExportOptions
 from edgepeft.exporters.peft import InjectContext, inject
 from edgepeft.exporters.peft_import import load_peft_adapter
-from edgepeft.exporters.quantize import quantize_frozen
+from edgepeft.exporters.quantize import INT4_BLOCK, Int4Tensor, QuantizedTensor, quantize_frozen
 from edgepeft.exporters.stages import BackendTarget, ExportPlan, ForwardGraph, InjectedModel
 from edgepeft.exporters.targets import BEST_EFFORT, BUILDERS, build_inference
 from edgepeft.exporters.zoo import ModelSource, state_sha256
@@ -102,7 +102,8 @@ def inject_and_quantize(plan: ExportPlan) -> InjectedModel:
     if plan.options.init_adapter is not None:
         load_peft_adapter(plan.options.init_adapter, trainables, list(plan.methods))
     trainable = {t.name for t in trainables}
-    quantized = quantize_frozen(ref, trainable) if plan.options.quant == "int8" else {}
+    quant = plan.options.quant
+    quantized = quantize_frozen(ref, trainable, quant) if quant != "none" else {}
     return InjectedModel(plan, ref, tuple(trainables), quantized, source_hash, base_params)
 
 
@@ -117,23 +118,48 @@ def export_forward(injected: InjectedModel, tmp: Path) -> ForwardGraph:
     if lost:
         raise ExportError(f"the exported graph lost the names of trainable tensors {lost[:5]}; "
                           "they must reach ONNX as named initializers")
-    onnx_graph.apply_int8(forward, injected.quantized)
+    int4 = {k: v for k, v in injected.quantized.items() if isinstance(v, Int4Tensor)}
+    # int4 weights stay float32 here (their dequantized values): only the lean graphs, which
+    # unpack them themselves, are exported with int4 (ExportOptions refuses the others).
+    onnx_graph.apply_int8(forward, {k: v for k, v in injected.quantized.items() if k not in int4})
     onnx_graph.add_layernorm_stats(forward)
     onnx.checker.check_model(forward)
     card = memory_card(injected.model, forward, trainable, src.example_inputs, src.dynamic_axes, src.max_length,
                        injected.plan.causal)
+    card = _int4_card(card, forward, int4)
     frozen = sorted({i.name for i in forward.graph.initializer} - set(trainable))
     return ForwardGraph(forward, tuple(frozen), card)
 
 
+def _int4_card(card: dict, forward: onnx.ModelProto, int4: dict[str, Int4Tensor]) -> dict:
+    """The memory card's weights as stored: int4 weights count their packed bytes, and their
+    float32 bytes where a reader other than a row gather dequantizes the whole tensor."""
+    if not int4:
+        return card
+    stored = sum(qt.nbytes - 4 * qt.numel for qt in int4.values())
+    whole = sum(4 * qt.numel for name, qt in int4.items()
+                if any(not onnx_graph.is_row_gather(n, name) for n in forward.graph.node if name in n.input))
+    return {**card, "frozen_bytes": card["frozen_bytes"] + stored,
+            "dequant_fp32_bytes": card["dequant_fp32_bytes"] + whole}
+
+
 # -- 4. targets --------------------------------------------------------------------------------
+# Backends that read the standalone inference.onnx: portable evaluates and infers with it, and
+# ort-training bundles have always shipped it as the plain-onnxruntime inference model (the
+# parity tests and the sizes benchmark read it there). The lean backend runs its own graphs and
+# ExecuTorch its own inference program, so a bundle of those only keeps one copy of the weights.
+INFERENCE_READERS = frozenset({names.BACKEND_PORTABLE, names.BACKEND_ORT})
+
+
 def build_targets(injected: InjectedModel, forward: ForwardGraph, tmp: Path) -> dict[str, BackendTarget]:
-    """The inference model, then each asked-for backend's target, in ``BUILDERS`` order."""
+    """The inference model (when a backend of the bundle reads it), then each asked-for
+    backend's target, in ``BUILDERS`` order."""
     plan = injected.plan
     missing = [b for b in plan.backends if b not in BUILDERS]
     if missing:  # a backend named in edgepeft.names without a builder in targets.BUILDERS
         raise ExportError(f"this edgepeft cannot export backend(s) {missing} yet; export some of {list(BUILDERS)}")
-    targets = {t.name: t for t in [build_inference(injected, forward, tmp)]}
+    needs_inference = INFERENCE_READERS & set(plan.backends)
+    targets = {t.name: t for t in [build_inference(injected, forward, tmp)] if needs_inference}
     for name, builder in BUILDERS.items():
         if name not in plan.backends:
             continue
@@ -167,17 +193,30 @@ def build_manifest(injected: InjectedModel, forward: ForwardGraph, targets: Mapp
         outputs=(IOInfo(names.LOGITS_OUTPUT, "float32", out_shape),),
         labels=tuple(src.labels),
         max_length=src.max_length,
-        quantization={
-            "scheme": "int8-symmetric-per-row" if quantized else "none",
-            "tensors": sorted(quantized),
-            "params": int(sum(q.q.size for q in quantized.values())),
-            "int8_bytes": int(sum(q.q.nbytes + q.scale.nbytes for q in quantized.values())),
-            "fp32_bytes": int(sum(q.q.size * 4 for q in quantized.values())),
-        },
+        quantization=_quantization(quantized),
         base_params=injected.base_params,
         backends={name: dict(t.entry) for name, t in targets.items()},
         memory={**forward.memory_card, **{k: v for t in targets.values() for k, v in t.memory.items()}},
     )
+
+
+def _quantization(quantized: Mapping[str, QuantizedTensor | Int4Tensor]) -> dict:
+    """The manifest's ``quantization``: scheme, tensors, parameters and bytes as stored. An int4
+    bundle lists its int4 tensors (the rest of ``tensors`` fell back to int8 per row)."""
+    int4 = {k: v for k, v in quantized.items() if isinstance(v, Int4Tensor)}
+    int8 = [v for k, v in quantized.items() if k not in int4]
+    out = {
+        "scheme": ("int4-asymmetric-block32" if int4 else "int8-symmetric-per-row") if quantized else "none",
+        "tensors": sorted(quantized),
+        "params": int(sum(q.numel for q in quantized.values())),
+        "int8_bytes": int(sum(q.nbytes for q in int8)),
+        "fp32_bytes": int(sum(q.numel * 4 for q in quantized.values())),
+    }
+    if int4:
+        out.update({"int4_tensors": sorted(int4), "int4_bytes": int(sum(q.nbytes for q in int4.values())),
+                    "block_size": INT4_BLOCK,
+                    "scale_dtypes": sorted({str(q.scale.dtype) for q in int4.values()})})
+    return out
 
 
 # -- 6. write ----------------------------------------------------------------------------------

@@ -1,7 +1,7 @@
 """A causal LM's vocabulary projection and cross-entropy in chunks of the vocabulary, so that
 (positions x vocab) logits never exist whole (SmolLM2 at 4 x 128: 100 MB; Gemma 3: 537 MB).
 
-One pass over the (int8) head weight computes, per labelled position, the loss and the gradient
+One pass over the (int8 or int4) head weight computes, per labelled position, the loss and the gradient
 of the hidden state, with the running-max rescaling of an online softmax:
 ``g_x = sum_v softmax(z)_v W_v - W_label`` accumulates as ``acc = sum_v exp(z_v - m) W_v``
 rescaled whenever the running maximum ``m`` grows. Only labelled positions are projected."""
@@ -18,16 +18,22 @@ CHUNK = 4096  # rows of the head per step: 4096 x 576 fp32 = 9.4 MB for SmolLM2
 
 @dataclass(frozen=True)
 class Head:
-    """The (vocab, hidden) projection as stored: int8 rows + per-row scales, or fp32."""
+    """The (vocab, hidden) projection as stored: fp32 (``q`` only), int8 rows + per-row
+    ``scale``, or int4: ``q`` packed codes (vocab, hidden/2) uint8, ``scale`` and ``min`` per
+    block of ``block`` columns (w = code * scale + min; exporters.quantize writes them)."""
 
     q: np.ndarray
     scale: np.ndarray | None
+    min: np.ndarray | None = None
+    block: int = 32
 
     @property
     def vocab(self) -> int:
         return int(self.q.shape[0])
 
     def rows(self, lo: int, hi: int) -> np.ndarray:
+        if self.min is not None:
+            return dequantize_int4(self.q[lo:hi], self.scale[lo:hi], self.min[lo:hi], self.block)
         w = self.q[lo:hi]
         if self.scale is None:
             return w
@@ -36,8 +42,24 @@ class Head:
         return out
 
     def take(self, ids: np.ndarray) -> np.ndarray:
+        if self.min is not None:
+            return dequantize_int4(self.q[ids], self.scale[ids], self.min[ids], self.block)
         w = self.q[ids]
         return w if self.scale is None else w.astype(np.float32) * self.scale[ids, None]
+
+
+def dequantize_int4(packed: np.ndarray, scale: np.ndarray, mn: np.ndarray, block: int) -> np.ndarray:
+    """Rows of int4 codes as float32: code 2j is the low nibble of byte j, 2j+1 the high one;
+    then ``code * scale + min`` per block, in float32 and in that order (as the exporter's
+    reference and the lean graphs compute it, so all three agree bit for bit)."""
+    codes = np.empty((*packed.shape[:-1], packed.shape[-1] * 2), np.uint8)
+    codes[..., 0::2] = packed & 0x0F
+    codes[..., 1::2] = packed >> 4
+    lead, cols = codes.shape[:-1], codes.shape[-1]
+    out = codes.astype(np.float32).reshape(*lead, cols // block, block)
+    out *= scale.astype(np.float32)[..., None]
+    out += mn.astype(np.float32)[..., None]
+    return out.reshape(*lead, cols)
 
 
 def _labelled(hidden: np.ndarray, labels: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

@@ -18,8 +18,8 @@ from edgepeft.cli._shared import backend_choice, export_backends_help, names, ou
 @click.option("--modules-to-save", default="classifier", show_default=True,
               help="Comma-separated modules trained in full (e.g. a new head); empty for none.")
 @click.option("--labels", default=None, help="Comma-separated class labels (default: the model's own).")
-@click.option("--quant", type=click.Choice(["int8", "none"]), default="int8", show_default=True,
-              help="Frozen base weights as int8 (per-row scales) or fp32.")
+@click.option("--quant", type=click.Choice(["int8", "int4", "none"]), default="int8", show_default=True,
+              help="Frozen base weights as int8 (per-row scales), int4 (blocks of 32, lean backend only) or fp32.")
 @click.option("--method", "method_texts", multiple=True, metavar="NAME[:k=v,...]",
               help="A PEFT method (repeat for hybrids), e.g. 'prompt:n_tokens=8', 'bitfit', "
                    "'adapter:kind=pfeiffer,size=32', 'lora:rank=4,targets=query|value'. "

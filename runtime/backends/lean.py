@@ -76,10 +76,19 @@ class LeanBackend:
         self._trainable = bundle.manifest.trainable_names
         self._inputs = [i.name for i in bundle.manifest.inputs]
         self._params: dict[str, np.ndarray] = {}
-        head = self._plan["head"]
-        self._head = None if head is None else lean_head.Head(
-            self._weights.get(head + names.Q_SUFFIX, self._weights.get(head)),
-            self._weights.get(head + names.SCALE_SUFFIX))
+        self._head = self._make_head()
+
+    def _make_head(self) -> lean_head.Head | None:
+        """The LM head as stored: int4 (the plan names its packed codes, scales and mins), int8
+        rows + scales, or fp32."""
+        head, int4 = self._plan["head"], self._plan.get("head_int4")
+        if head is None:
+            return None
+        if int4 is not None:
+            return lean_head.Head(self._weights[int4["q"]], self._weights[int4["scale"]], self._weights[int4["min"]],
+                                  block=int(int4["block"]))
+        return lean_head.Head(self._weights.get(head + names.Q_SUFFIX, self._weights.get(head)),
+                              self._weights.get(head + names.SCALE_SUFFIX))
 
     @staticmethod
     def _options(threads: int | None):
