@@ -123,8 +123,10 @@ def loss_and_argmax(head: Head, hidden: np.ndarray, labels: np.ndarray) -> tuple
 def logits(head: Head, hidden: np.ndarray) -> np.ndarray:
     """Full logits (what ``infer`` returns), filled a vocabulary chunk at a time."""
     x = hidden.reshape(-1, hidden.shape[-1]).astype(np.float32, copy=False)
-    out = np.empty((x.shape[0], head.vocab), np.float32)
+    # Filled vocabulary-major, each chunk written in place (no (positions x chunk) temporary),
+    # and returned as a transposed view: (batch, seq, vocab) without a copy.
+    out_t = np.empty((head.vocab, x.shape[0]), np.float32)
     for lo in range(0, head.vocab, CHUNK):
         hi = min(lo + CHUNK, head.vocab)
-        out[:, lo:hi] = x @ head.rows(lo, hi).T
-    return out.reshape(*hidden.shape[:-1], head.vocab)
+        np.matmul(head.rows(lo, hi), x.T, out=out_t[lo:hi])
+    return out_t.T.reshape(*hidden.shape[:-1], head.vocab)

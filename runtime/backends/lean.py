@@ -31,6 +31,22 @@ from edgepeft.runtime.losses import cross_entropy
 _DTYPES = {"F32": np.float32, "I8": np.int8, "U8": np.uint8, "I64": np.int64, "F16": np.float16, "I32": np.int32}
 
 
+def _libc_trim():
+    """glibc's malloc_trim, or a no-op where there is none (macOS, musl)."""
+    import ctypes
+    import ctypes.util
+
+    try:
+        fn = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim
+    except (OSError, AttributeError):
+        return lambda: None
+    fn.argtypes = [ctypes.c_size_t]
+    return lambda: fn(0)
+
+
+_trim_heap = _libc_trim()
+
+
 class MappedWeights(dict):
     """Read-only arrays over a safetensors file's pages (layout: 8-byte header length, JSON
     header of dtype/shape/offsets, then the data), so the weights are never copied into the
@@ -116,6 +132,14 @@ class LeanBackend:
                 disabled_optimizers=["ConstantFolding", "CommonSubexpressionElimination"])
         return s
 
+    def _free(self) -> None:
+        """After each graph: drop the weights' pages from the resident set, and hand the freed
+        heap back to the system (glibc keeps freed blocks otherwise: measured on SmolLM2 at
+        4 x 128, the raw step's peak fell 178 -> 130 MiB)."""
+        if self.release_weights:
+            self._weights.release()
+            _trim_heap()
+
     def _run(self, member: str, prefix: str, acts: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         s = self._session(member)
         feeds = {}
@@ -131,8 +155,7 @@ class LeanBackend:
             else:
                 raise BundleError(f"lean graph {member} needs {key!r}, which the bundle's weights lack; re-export")
         out = dict(zip((o.name for o in s.get_outputs()), s.run(None, feeds)))
-        if self.release_weights:
-            self._weights.release()
+        self._free()
         return out
 
     # -- forward -------------------------------------------------------------------------------
@@ -158,8 +181,7 @@ class LeanBackend:
         if self._head is not None:
             hidden = self._run(post["fwd"], "", {"h": h, **inputs})["out0"]
             loss, g_hidden = lean_head.loss_and_grad(self._head, hidden, batch.labels)
-            if self.release_weights:
-                self._weights.release()
+            self._free()
             del hidden
             out = self._run(post["vjp"], "", {"h": h, **inputs, "g": g_hidden})
         else:
