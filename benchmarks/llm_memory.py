@@ -193,12 +193,18 @@ def run(model: str, batch: int, seq: int, steps: int, reps: int, configs: dict) 
             "results": results, "summary": summarize(results, model)}
 
 
+def _process_peak(r: dict) -> float:
+    """The child's peak: wait4's ru_maxrss follows the high-water mark that each phase resets, so
+    the phases' own peaks (which cover the child's life from its first phase on) count too."""
+    return round(max(r["os_peak_rss_mib"], *r["peaks_mib"].values()), 1)
+
+
 def summarize(results: dict[str, list], model: str) -> dict:
-    ref_peak = max(r["os_peak_rss_mib"] for r in results[REFERENCE])
+    ref_peak = max(_process_peak(r) for r in results[REFERENCE])
     ref_step = median([t for r in results[REFERENCE] for t in r["seconds"]["train_step"][1:]])
     out = {}
     for name, runs in results.items():
-        peak = max(r["os_peak_rss_mib"] for r in runs)
+        peak = max(_process_peak(r) for r in runs)
         step = median([t for r in runs for t in r["seconds"]["train_step"][1:]])
         out[name] = {"process_peak_mib": peak, "vs_peft": round(peak / ref_peak, 3),
                      "phase_peaks_mib": {p: max(r["peaks_mib"][p] for r in runs) for p in PHASES},
@@ -273,7 +279,8 @@ def main(argv: list[str] | None = None) -> int:
     elif a.child == "peft":
         res = child_peft(a.model, a.batch, a.seq, a.steps)
     else:
-        run_ = Run(f"{NAME}_{a.model}", argv if argv is not None else sys.argv[2:])
+        run_ = Run(NAME, argv if argv is not None else sys.argv[2:])
+        run_.name = f"{NAME}_{a.model}"  # one results file per model
         doc = run(a.model, a.batch, a.seq, a.steps, a.reps, {**CONFIGS, **(ABLATION if a.ablation else {})})
         path = run_.write(doc, markdown(doc))
         plot(doc, path.with_suffix(".png"))
