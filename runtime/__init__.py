@@ -2,7 +2,8 @@
 infer, save and hot-swap adapters inside a memory budget. Imported as ``edgepeft.runtime``."""
 from edgepeft.data import Batch, Example, read_jsonl
 from edgepeft.optim import OptimizerSpec
-from edgepeft.runtime.session import EvalResult, NumericalError, Session
+from edgepeft.errors import NumericalError
+from edgepeft.runtime.session import EvalResult, Session
 from edgepeft.runtime.personalizer import Personalizer, PersonalizerConfig, RoundResult
 
 __all__ = ["Batch", "EvalResult", "Example", "NumericalError", "OptimizerSpec", "Personalizer", "PersonalizerConfig",

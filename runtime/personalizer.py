@@ -19,7 +19,8 @@ from edgepeft.adapters import check_adapter_name
 from edgepeft.data import Batch, Example
 from edgepeft.errors import AdapterError, DataError, MemoryBudgetError, SpecError
 from edgepeft.runtime.samples import RecordLog, Sample, SampleBuffer
-from edgepeft.runtime.session import EvalResult, NumericalError, Session
+from edgepeft.errors import NumericalError
+from edgepeft.runtime.session import EvalResult, Session
 
 Metric = Literal["loss", "accuracy"]
 Batcher = Callable[[Sequence[Mapping[str, Any]]], Batch]

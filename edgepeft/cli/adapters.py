@@ -18,9 +18,8 @@ def adapters() -> None:
 @click.option("--json", "as_json", is_flag=True)
 def adapters_list(bundle: Path, store: Path | None, as_json: bool) -> None:
     """List the adapters stored for BUNDLE."""
-    from edgepeft.adapters import AdapterStore
+    from edgepeft.adapters import AdapterStore, default_store
     from edgepeft.bundle import read_manifest
-    from edgepeft.runtime.session import default_store
 
     m = read_manifest(bundle)
     st = AdapterStore(store or default_store(bundle), m)

@@ -22,7 +22,7 @@ from edgepeft.cli._shared import backend_choice, export_backends_help, names, ou
               help="Frozen base weights as int8 (per-row scales), int4 (blocks of 32, lean backend only) or fp32.")
 @click.option("--method", "method_texts", multiple=True, metavar="NAME[:k=v,...]",
               help="A PEFT method (repeat for hybrids), e.g. 'prompt:n_tokens=8', 'bitfit', "
-                   "'adapter:kind=pfeiffer,size=32', 'lora:rank=4,targets=query|value'. "
+                   "'bottleneck:kind=pfeiffer,size=32', 'lora:rank=4,targets=query|value'. "
                    "When given, replaces the LoRA options above.")
 @click.option("--backend", "backends", multiple=True, type=backend_choice(auto=False), help=export_backends_help())
 @click.option("--init-adapter", type=click.Path(exists=True, file_okay=False, path_type=Path),

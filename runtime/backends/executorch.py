@@ -15,7 +15,6 @@ memory: ``named_parameters()`` of the training module aliases it, so a swap is a
 copy and the frozen base is never reloaded."""
 from __future__ import annotations
 
-import importlib.util
 import warnings
 from typing import Iterator, Mapping
 
@@ -29,11 +28,6 @@ from edgepeft.runtime.backends.base import backend_entry, check_inputs
 from edgepeft.runtime.batching import accumulate
 from edgepeft.runtime.losses import cross_entropy
 
-_PACKAGE = "executorch"
-
-
-def available() -> bool:
-    return importlib.util.find_spec(_PACKAGE) is not None
 
 
 def _runtime():
