@@ -75,6 +75,25 @@ def _member_sizes(path: Path) -> dict[str, int]:
         return {i.filename: i.file_size for i in z.infolist()}
 
 
+def _phases():
+    """(peaks, times, phase): ``phase(name, fn)`` runs fn with the high-water mark reset and
+    records its peak RSS and wall time."""
+    from edgepeft.memory import peak_rss_bytes, reset_peak
+
+    peaks: dict[str, int] = {}
+    times: dict[str, list[float]] = {}
+
+    def phase(name, fn):
+        reset_peak()
+        t = time.perf_counter()
+        out = fn()
+        times.setdefault(name, []).append(time.perf_counter() - t)
+        peaks[name] = max(peaks.get(name, 0), peak_rss_bytes())
+        return out
+
+    return peaks, times, phase
+
+
 def _ablate(s, flags: list[str]) -> None:
     from edgepeft.runtime import lean_head
 
@@ -86,18 +105,9 @@ def _ablate(s, flags: list[str]) -> None:
 
 def child_edgepeft(model: str, backend: str, batch: int, seq: int, steps: int) -> dict:
     from edgepeft.data import Batch
-    from edgepeft.memory import peak_rss_bytes, reset_peak
     from edgepeft.runtime import OptimizerSpec, Session
 
-    peaks, times = {}, {}
-
-    def phase(name, fn):
-        reset_peak()
-        t = time.perf_counter()
-        out = fn()
-        times.setdefault(name, []).append(time.perf_counter() - t)
-        peaks[name] = max(peaks.get(name, 0), peak_rss_bytes())
-        return out
+    peaks, times, phase = _phases()
 
     backend, *flags = backend.split(":")
     store = work() / f"llm-store-{model}-{backend}"
@@ -132,17 +142,8 @@ def _hf_model(model: str):
 
 
 def child_peft(model: str, batch: int, seq: int, steps: int) -> dict:
-    from edgepeft.memory import peak_rss_bytes, reset_peak
 
-    peaks, times = {}, {}
-
-    def phase(name, fn):
-        reset_peak()
-        t = time.perf_counter()
-        out = fn()
-        times.setdefault(name, []).append(time.perf_counter() - t)
-        peaks[name] = max(peaks.get(name, 0), peak_rss_bytes())
-        return out
+    peaks, times, phase = _phases()
 
     def load():
         import peft

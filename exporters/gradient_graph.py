@@ -10,10 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import io
-import logging
-import warnings
 from pathlib import Path
-from typing import Iterator
 
 import onnx
 import torch
@@ -22,7 +19,7 @@ import torch.nn as nn
 from edgepeft import names
 from edgepeft.errors import ExportError
 from edgepeft.exporters import onnx_graph
-from edgepeft.exporters.joint_graph import SEP, WithLoss, canonical_names, joint_forward_backward
+from edgepeft.exporters.joint_graph import SEP, WithLoss, canonical_names, joint_forward_backward, quiet_torch_onnx
 from edgepeft.exporters.quantize import QuantizedTensor
 from edgepeft.exporters.stages import InjectedModel
 
@@ -85,7 +82,7 @@ def build(injected: InjectedModel, path: Path) -> onnx.ModelProto:
     shapes = _dynamic_shapes(injected)
     params = dict(injected.model.named_parameters())
     train_values = tuple(params[n].detach().clone() for n in trainable)
-    with _quiet_torch_onnx():
+    with quiet_torch_onnx():
         try:
             ep = torch.export.export(WithLoss(injected.model, injected.plan.causal), args, strict=False,
                                      prefer_deferred_runtime_asserts_over_guards=True,
@@ -124,19 +121,6 @@ def _dynamic_shapes(injected: InjectedModel) -> tuple:
     return (*in_shapes, label_axes)
 
 
-@contextlib.contextmanager
-def _quiet_torch_onnx() -> Iterator[None]:
-    """Silence export warnings and torch.onnx's "torchvision is not installed. Skipping ..."
-    notices (four per export)."""
-    onnx_log = logging.getLogger("torch.onnx")
-    level = onnx_log.level
-    onnx_log.setLevel(logging.ERROR)
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            yield
-    finally:
-        onnx_log.setLevel(level)
 
 
 def _finish(m: onnx.ModelProto, renames: dict[str, str], quantized: dict[str, QuantizedTensor]) -> onnx.ModelProto:

@@ -3,6 +3,11 @@ ExecuTorch training program share: the loss wrapper (loss as output 0), torch's 
 the rewrite of ops no target can run, and the map from tied tensors to their one name."""
 from __future__ import annotations
 
+import contextlib
+import logging
+import warnings
+from typing import Iterator
+
 import torch
 import torch.nn as nn
 
@@ -70,3 +75,18 @@ def replace_unexportable(gm: torch.fx.GraphModule) -> None:
             gm.graph.erase_node(node)
     gm.graph.lint()
     gm.recompile()
+
+
+@contextlib.contextmanager
+def quiet_torch_onnx() -> Iterator[None]:
+    """Silence export warnings and torch.onnx's "torchvision is not installed. Skipping ..."
+    notices (four per export)."""
+    onnx_log = logging.getLogger("torch.onnx")
+    level = onnx_log.level
+    onnx_log.setLevel(logging.ERROR)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        onnx_log.setLevel(level)

@@ -18,8 +18,6 @@ from __future__ import annotations
 import contextlib
 import io
 import json
-import logging
-import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -105,7 +103,7 @@ def _trace_to_onnx(fn: Callable, args: list[torch.Tensor], in_names: list[str], 
     from torch._decomp import core_aten_decompositions
     from torch.fx.experimental.proxy_tensor import make_fx
 
-    from edgepeft.exporters.joint_graph import replace_unexportable
+    from edgepeft.exporters.joint_graph import quiet_torch_onnx, replace_unexportable
 
     # Buffers (rotary tables) are constants of the graph: real tensors inside a symbolic trace.
     with _LinearAsMatmul():
@@ -117,20 +115,12 @@ def _trace_to_onnx(fn: Callable, args: list[torch.Tensor], in_names: list[str], 
     dims = {"batch": torch.export.Dim("batch", min=1, max=1 << 16), "seq": seq,
             "hseq": seq + n_extra if n_extra else seq}
     shapes = [{a: dims[d] for a, d in ax.items()} if ax else None for ax in dyn]
-    onnx_log = logging.getLogger("torch.onnx")
-    level = onnx_log.level
-    onnx_log.setLevel(logging.ERROR)
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            ep = torch.export.export(_Call(gm), tuple(args), strict=False,
-                                     prefer_deferred_runtime_asserts_over_guards=True,
-                                     dynamic_shapes={"args": tuple(shapes)})
-            with contextlib.redirect_stdout(io.StringIO()):
-                torch.onnx.export(ep, tuple(args), str(path), dynamo=True, optimize=False, opset_version=OPSET,
-                                  verbose=False, input_names=in_names, output_names=out_names)
-    finally:
-        onnx_log.setLevel(level)
+    with quiet_torch_onnx():
+        ep = torch.export.export(_Call(gm), tuple(args), strict=False, prefer_deferred_runtime_asserts_over_guards=True,
+                                 dynamic_shapes={"args": tuple(shapes)})
+        with contextlib.redirect_stdout(io.StringIO()):
+            torch.onnx.export(ep, tuple(args), str(path), dynamo=True, optimize=False, opset_version=OPSET,
+                              verbose=False, input_names=in_names, output_names=out_names)
     return onnx.load(str(path))
 
 

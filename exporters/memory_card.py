@@ -11,6 +11,9 @@ alone (``edgepeft.memory_model``).
 """
 from __future__ import annotations
 
+import contextlib
+from typing import Iterator
+
 import numpy as np
 import onnx
 import torch
@@ -31,20 +34,30 @@ def _weights(forward: onnx.ModelProto, trainable: set[str]) -> dict[str, int]:
             "trainable_bytes": sum(v for k, v in sizes.items() if k in trainable)}
 
 
-def _saved_bytes(model: nn.Module, inputs: dict[str, torch.Tensor], causal: bool) -> int:
-    """Bytes autograd saves for backward in one forward + loss (each storage counted once;
-    parameters excluded: they are weights, not activations)."""
-    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
-    params |= {b.untyped_storage().data_ptr() for b in model.buffers()}
+@contextlib.contextmanager
+def _counting_saved(exclude: set[int]) -> Iterator[dict[int, int]]:
+    """Counts the bytes autograd saves for backward while active (each storage once; storages
+    in ``exclude``, e.g. weights, are not activations)."""
     seen: dict[int, int] = {}
 
     def pack(t: torch.Tensor) -> torch.Tensor:
         ptr = t.untyped_storage().data_ptr()
-        if ptr not in params:
+        if ptr not in exclude:
             seen[ptr] = max(seen.get(ptr, 0), t.untyped_storage().nbytes())
         return t
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        yield seen
+
+
+def _storages(tensors) -> set[int]:
+    return {t.untyped_storage().data_ptr() for t in tensors}
+
+
+def _saved_bytes(model: nn.Module, inputs: dict[str, torch.Tensor], causal: bool) -> int:
+    """Bytes autograd saves for backward in one forward + loss (parameters excluded: they are
+    weights, not activations)."""
+    with _counting_saved(_storages([*model.parameters(), *model.buffers()])) as seen:
         logits = model(*inputs.values())
         if causal:
             labels = torch.zeros(logits.shape[:2], dtype=torch.int64)
@@ -95,17 +108,7 @@ def memory_card(model: nn.Module, forward: onnx.ModelProto, trainable: list[str]
 
 def _block_saved(block: nn.Module, h: torch.Tensor, ctx: list[torch.Tensor]) -> int:
     """Bytes autograd saves inside one block (its input excluded): what its VJP graph holds."""
-    params = {p.untyped_storage().data_ptr() for p in block.parameters()}
-    params |= {t.untyped_storage().data_ptr() for t in [h, *ctx]}
-    seen: dict[int, int] = {}
-
-    def pack(t: torch.Tensor) -> torch.Tensor:
-        ptr = t.untyped_storage().data_ptr()
-        if ptr not in params:
-            seen[ptr] = max(seen.get(ptr, 0), t.untyped_storage().nbytes())
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+    with _counting_saved(_storages([*block.parameters(), h, *ctx])) as seen:
         block(h.detach().requires_grad_(True), *ctx).sum()
     return sum(seen.values())
 

@@ -27,9 +27,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from edgepeft.errors import ExportError, SpecError
-from edgepeft.exporters.peft.slots import ParallelSlot, PrefixSlot, PromptSlot, extend_mask
-from edgepeft.exporters.zoo.llama import MASK_VALUE, rotate_half
-from edgepeft.exporters.zoo.parts import LeanParts
+from edgepeft.exporters.peft.slots import ParallelSlot, PromptSlot, extend_mask
+from edgepeft.exporters.zoo.llama import MASK_VALUE, LlamaAttention, LlamaMLP
+from edgepeft.exporters.zoo.decoder import CausalLM, DecoderModel
 
 if TYPE_CHECKING:
     from edgepeft.exporters.zoo import ModelSource
@@ -136,47 +136,28 @@ def rotary_tables(pos: torch.Tensor, inv_freq: torch.Tensor) -> tuple[torch.Tens
     return emb.cos(), emb.sin()
 
 
-class Gemma3Attention(nn.Module, PrefixSlot):
+class Gemma3Attention(LlamaAttention):
+    """Llama's attention with per-head q/k RMS norms and Gemma's query scaling."""
+
     def __init__(self, c: Gemma3Config, layer_type: str):
-        super().__init__()
-        self.heads, self.kv_heads, self.head_dim = c.num_attention_heads, c.num_key_value_heads, c.head_dim
+        super().__init__(c)
         self.sliding = layer_type == SLIDING
         self.scaling = c.query_pre_attn_scalar ** -0.5
-        self.q_proj = nn.Linear(c.hidden_size, self.heads * self.head_dim, bias=False)
-        self.k_proj = nn.Linear(c.hidden_size, self.kv_heads * self.head_dim, bias=False)
-        self.v_proj = nn.Linear(c.hidden_size, self.kv_heads * self.head_dim, bias=False)
-        self.o_proj = nn.Linear(self.heads * self.head_dim, c.hidden_size, bias=False)
         self.q_norm = Gemma3RMSNorm(self.head_dim, c.rms_norm_eps)
         self.k_norm = Gemma3RMSNorm(self.head_dim, c.rms_norm_eps)
-        self.init_prefix_slot()
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
-        """x (B, T, D); cos/sin (T, head_dim); bias (B, 1, T, T) additive."""
-        b, t, _ = x.shape
-        q = self.q_norm(self.q_proj(x).view(b, t, self.heads, self.head_dim).transpose(1, 2))
-        k = self.k_norm(self.k_proj(x).view(b, t, self.kv_heads, self.head_dim).transpose(1, 2))
-        v = self.v_proj(x).view(b, t, self.kv_heads, self.head_dim).transpose(1, 2)
-        q = q * cos + rotate_half(q) * sin
-        k = k * cos + rotate_half(k) * sin
-        k, v, bias = self.add_prefix(k, v, bias)
-        rep = self.heads // self.kv_heads
-        if rep > 1:  # GQA: query head h reads kv head h // rep
-            k = k.unsqueeze(2).expand(-1, -1, rep, -1, -1).reshape(b, self.heads, -1, self.head_dim)
-            v = v.unsqueeze(2).expand(-1, -1, rep, -1, -1).reshape(b, self.heads, -1, self.head_dim)
-        att = torch.matmul(q, k.transpose(-1, -2)) * self.scaling + bias
-        out = torch.matmul(torch.softmax(att, dim=-1), v)
-        return self.o_proj(out.transpose(1, 2).reshape(b, t, self.heads * self.head_dim))
+    def norm_q(self, q: torch.Tensor) -> torch.Tensor:
+        return self.q_norm(q)
+
+    def norm_k(self, k: torch.Tensor) -> torch.Tensor:
+        return self.k_norm(k)
 
 
-class Gemma3MLP(nn.Module):
-    def __init__(self, c: Gemma3Config):
-        super().__init__()
-        self.gate_proj = nn.Linear(c.hidden_size, c.intermediate_size, bias=False)
-        self.up_proj = nn.Linear(c.hidden_size, c.intermediate_size, bias=False)
-        self.down_proj = nn.Linear(c.intermediate_size, c.hidden_size, bias=False)
+class Gemma3MLP(LlamaMLP):
+    """Llama's gated MLP with tanh-GELU."""
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(F.gelu(self.gate_proj(x), approximate="tanh") * self.up_proj(x))
+    def act(self, x: torch.Tensor) -> torch.Tensor:
+        return F.gelu(x, approximate="tanh")
 
 
 class Gemma3DecoderLayer(nn.Module, ParallelSlot):
@@ -211,7 +192,7 @@ class Gemma3DecoderLayer(nn.Module, ParallelSlot):
         return x
 
 
-class Gemma3Model(nn.Module, PromptSlot):
+class Gemma3Model(DecoderModel, PromptSlot):
     def __init__(self, c: Gemma3Config):
         super().__init__()
         self.config = c
@@ -255,45 +236,11 @@ class Gemma3Model(nn.Module, PromptSlot):
         return (*rotary_tables(pos, self.inv_freq_local), *rotary_tables(pos, self.inv_freq_global),
                 bias_full, bias_sliding)
 
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        """(B, T) ids and 0/1 mask -> hidden states (B, n_prompt + T, D)."""
-        x, *ctx = self.pre(input_ids, attention_mask)
-        for layer in self.layers:
-            x = layer(x, *ctx)
-        return self.norm(x)
 
-
-class Gemma3ForCausalLM(nn.Module):
+class Gemma3ForCausalLM(CausalLM):
     """forward(input_ids, attention_mask) -> logits (batch, seq, vocab)."""
 
-    PEFT_SITES = {
-        "attention_output": r"^model\.layers\.\d+\.self_attn\.o_proj$",
-        "ffn_output": r"^model\.layers\.\d+\.mlp\.down_proj$",
-        "layers": r"^model\.layers\.\d+$",
-    }
-
-    def __init__(self, config: Gemma3Config):
-        super().__init__()
-        self.config = config
-        self.model = Gemma3Model(config)
-        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
-        if config.tie_word_embeddings:
-            self.lm_head.weight = self.model.embed_tokens.weight
-
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        return self.lm_head(self._text_positions(self.model(input_ids, attention_mask)))
-
-    def _text_positions(self, h: torch.Tensor) -> torch.Tensor:
-        n = self.model.n_prompt
-        return h[:, n:] if n else h  # virtual prompt positions produce no logits: output stays (B, T, V)
-
-    def _post(self, h: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        return self._text_positions(self.model.norm(h))
-
-    def lean_parts(self) -> LeanParts:
-        """Embeddings (+ both rotary tables and both biases) -> decoder layers -> final norm;
-        the (tied) LM head runs in vocabulary chunks on the device."""
-        return LeanParts(pre=self.model.pre, blocks=list(self.model.layers), post=self._post, head="lm_head.weight")
+    MODEL = Gemma3Model
 
 
 # --- zoo factories -------------------------------------------------------------------------

@@ -19,7 +19,7 @@ import torch.nn.functional as F
 
 from edgepeft.errors import ExportError, SpecError
 from edgepeft.exporters.peft.slots import ParallelSlot, PrefixSlot, PromptSlot, extend_mask
-from edgepeft.exporters.zoo.parts import LeanParts
+from edgepeft.exporters.zoo.decoder import CausalLM, DecoderModel
 
 if TYPE_CHECKING:
     from edgepeft.exporters.zoo import ModelSource
@@ -99,8 +99,8 @@ class LlamaAttention(nn.Module, PrefixSlot):
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
         """x (B, T, D); cos/sin (T, head_dim); bias (B, 1, T, T) additive."""
         b, t, _ = x.shape
-        q = self.q_proj(x).view(b, t, self.heads, self.head_dim).transpose(1, 2)
-        k = self.k_proj(x).view(b, t, self.kv_heads, self.head_dim).transpose(1, 2)
+        q = self.norm_q(self.q_proj(x).view(b, t, self.heads, self.head_dim).transpose(1, 2))
+        k = self.norm_k(self.k_proj(x).view(b, t, self.kv_heads, self.head_dim).transpose(1, 2))
         v = self.v_proj(x).view(b, t, self.kv_heads, self.head_dim).transpose(1, 2)
         q = q * cos + rotate_half(q) * sin
         k = k * cos + rotate_half(k) * sin
@@ -113,6 +113,13 @@ class LlamaAttention(nn.Module, PrefixSlot):
         out = torch.matmul(torch.softmax(att, dim=-1), v)
         return self.o_proj(out.transpose(1, 2).reshape(b, t, self.heads * self.head_dim))
 
+    # Per-head query/key norms: none in Llama (Gemma 3 has them).
+    def norm_q(self, q: torch.Tensor) -> torch.Tensor:
+        return q
+
+    def norm_k(self, k: torch.Tensor) -> torch.Tensor:
+        return k
+
 
 class LlamaMLP(nn.Module):
     def __init__(self, c: LlamaConfig):
@@ -122,7 +129,10 @@ class LlamaMLP(nn.Module):
         self.down_proj = nn.Linear(c.intermediate_size, c.hidden_size, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        return self.down_proj(self.act(self.gate_proj(x)) * self.up_proj(x))
+
+    def act(self, x: torch.Tensor) -> torch.Tensor:
+        return F.silu(x)
 
 
 class LlamaDecoderLayer(nn.Module, ParallelSlot):
@@ -144,7 +154,7 @@ class LlamaDecoderLayer(nn.Module, ParallelSlot):
         return x + ffn
 
 
-class LlamaModel(nn.Module, PromptSlot):
+class LlamaModel(DecoderModel, PromptSlot):
     def __init__(self, c: LlamaConfig):
         super().__init__()
         # nn.Embedding's own init, skipped on the meta device (from_state_dict): normal_ there
@@ -187,45 +197,11 @@ class LlamaModel(nn.Module, PromptSlot):
         bias = (1.0 - allowed.float()) * MASK_VALUE
         return x, cos, sin, bias
 
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        """(B, T) ids and 0/1 mask -> hidden states (B, n_prompt + T, D)."""
-        x, *ctx = self.pre(input_ids, attention_mask)
-        for layer in self.layers:
-            x = layer(x, *ctx)
-        return self.norm(x)
 
-
-class LlamaForCausalLM(nn.Module):
+class LlamaForCausalLM(CausalLM):
     """forward(input_ids, attention_mask) -> logits (batch, seq, vocab)."""
 
-    PEFT_SITES = {
-        "attention_output": r"^model\.layers\.\d+\.self_attn\.o_proj$",
-        "ffn_output": r"^model\.layers\.\d+\.mlp\.down_proj$",
-        "layers": r"^model\.layers\.\d+$",
-    }
-
-    def __init__(self, config: LlamaConfig):
-        super().__init__()
-        self.config = config
-        self.model = LlamaModel(config)
-        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
-        if config.tie_word_embeddings:
-            self.lm_head.weight = self.model.embed_tokens.weight
-
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        return self.lm_head(self._text_positions(self.model(input_ids, attention_mask)))
-
-    def _text_positions(self, h: torch.Tensor) -> torch.Tensor:
-        n = self.model.n_prompt
-        return h[:, n:] if n else h  # virtual prompt positions produce no logits: output stays (B, T, V)
-
-    def _post(self, h: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        return self._text_positions(self.model.norm(h))
-
-    def lean_parts(self) -> LeanParts:
-        """Embeddings -> decoder layers -> final norm; the (tied) LM head runs in vocabulary
-        chunks on the device."""
-        return LeanParts(pre=self.model.pre, blocks=list(self.model.layers), post=self._post, head="lm_head.weight")
+    MODEL = LlamaModel
 
 
 # --- zoo factories -------------------------------------------------------------------------
