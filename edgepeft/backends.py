@@ -17,6 +17,7 @@ from typing import Any, Literal, Mapping
 
 from edgepeft import names
 from edgepeft.errors import BackendError
+from edgepeft.memory_lean import COSTS as LEAN_COSTS
 from edgepeft.memory_model import ORT_TRAINING_COSTS, PORTABLE_COSTS, BackendCosts, MemoryModel
 
 _TRAIN_ALL = "train, evaluate, infer, swap"
@@ -104,7 +105,7 @@ REGISTRY: dict[str, BackendRecord] = {r.name: r for r in (
     BackendRecord(
         names.BACKEND_LEAN, loader="edgepeft.runtime.backends.lean:LeanBackend", requires=("onnxruntime",),
         caps=Capabilities(_TRAIN_ALL, "any", "any onnxruntime >= 1.17; no torch; a model with lean parts"),
-        export="edgepeft.exporters.lean:build_target", members=("plan", "weights")),
+        export="edgepeft.exporters.lean:build_target", members=("plan", "weights"), memory=LEAN_COSTS),
     BackendRecord(
         names.BACKEND_EXECUTORCH, loader="edgepeft.runtime.backends.executorch:ExecutorchBackend",
         requires=("executorch",),
