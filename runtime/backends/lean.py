@@ -102,9 +102,13 @@ class LeanBackend:
             return None
         if int4 is not None:
             return lean_head.Head(self._weights[int4["q"]], self._weights[int4["scale"]], self._weights[int4["min"]],
-                                  block=int(int4["block"]))
+                                  block=int(int4["block"]), drop=self._drop_pages)
         return lean_head.Head(self._weights.get(head + names.Q_SUFFIX, self._weights.get(head)),
-                              self._weights.get(head + names.SCALE_SUFFIX))
+                              self._weights.get(head + names.SCALE_SUFFIX), drop=self._drop_pages)
+
+    def _drop_pages(self) -> None:
+        if self.release_weights:
+            self._weights.release()
 
     @staticmethod
     def _options(threads: int | None):
@@ -219,11 +223,17 @@ class LeanBackend:
         if self._head is None:
             loss, logits = self.eval_step(batch)
             return loss, logits.argmax(axis=-1)
-        return lean_head.loss_and_argmax(self._head, self._hidden(batch.feeds), batch.labels)
+        out = lean_head.loss_and_argmax(self._head, self._hidden(batch.feeds), batch.labels)
+        self._free()
+        return out
 
     def infer(self, feeds: Mapping[str, np.ndarray]) -> np.ndarray:
         out = self._hidden(feeds)
-        return out if self._head is None else lean_head.logits(self._head, out)
+        if self._head is None:
+            return out
+        logits = lean_head.logits(self._head, out)
+        self._free()
+        return logits
 
     def named_parameters(self) -> dict[str, np.ndarray]:
         return {n: v.copy() for n, v in self._params.items()}
