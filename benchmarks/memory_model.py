@@ -29,8 +29,10 @@ GRID = [(8, 128), (4, 128), (8, 64), (16, 64), (2, 128), (1, 32)]
 LLM_GRID = [(4, 128), (2, 64), (4, 64)]
 LLMS = {"smollm2-135m", "gemma3-270m"}
 CALIBRATION = {("tiny-encoder", b, s) for b, s in GRID} | {("minilm", 8, 128), ("minilm", 4, 128)}
-# The lean backend's constants: the tiny encoder and SmolLM2 at its smallest shape; the rest is held out.
-LEAN_CALIBRATION = {("tiny-encoder", b, s) for b, s in GRID} | {("smollm2-135m", 2, 64)}
+# The lean backend's constants: one or two shapes of each kind of model (a tiny encoder, MiniLM,
+# both LLMs at their smallest shape); every other row, the tiny decoder's included, is held out.
+LEAN_CALIBRATION = {("tiny-encoder", 8, 64), ("tiny-encoder", 1, 32), ("minilm", 8, 64), ("smollm2-135m", 2, 64),
+                    ("gemma3-270m", 2, 64)}
 OUT = Path(__file__).parent / "results"
 
 
@@ -75,20 +77,22 @@ def fit_lean(rows: list[dict]) -> dict:
     from edgepeft import memory_lean
 
     cal = [r for r in rows if r["calibration"] and r["backend"] == "lean"]
-    zero = memory_lean.LeanCosts(library=0, train_fixed=0, eval_fixed=0, swap_fixed=0, k_block=0.0)
-    one = memory_lean.LeanCosts(library=0, train_fixed=0, eval_fixed=0, swap_fixed=0, k_block=1.0)
+    zero = memory_lean.LeanCosts(library=0, train_fixed=0, eval_fixed=0, swap_fixed=0, k_block=0.0, k_eval=0.0)
+    one = memory_lean.LeanCosts(library=0, train_fixed=0, eval_fixed=0, swap_fixed=0, k_block=1.0, k_eval=1.0)
     preds = [(zero.predict(_manifest_like(r), batch=r["batch"], seq=r["seq"], trainable_params=r["trainable"]),
               one.predict(_manifest_like(r), batch=r["batch"], seq=r["seq"], trainable_params=r["trainable"]), r)
              for r in cal]
     library = float(np.median([r["measured"]["open"] - p0.phases["open"] for p0, _, r in preds]))
-    a = np.array([[1.0, p1.phases["train_step"] - p0.phases["train_step"]] for p0, p1, _ in preds])
-    y = np.array([r["measured"]["train_step"] - p0.phases["train_step"] - library for p0, _, r in preds])
-    t0, k_b = np.linalg.lstsq(a, y, rcond=None)[0]
-    e0 = np.median([r["measured"]["evaluate"] - p0.phases["evaluate"] - library
-                    - k_b * (p1.phases["evaluate"] - p0.phases["evaluate"]) for p0, p1, r in preds])
+
+    def solve(phase: str) -> tuple[float, float]:
+        a = np.array([[1.0, p1.phases[phase] - p0.phases[phase]] for p0, p1, _ in preds])
+        y = np.array([r["measured"][phase] - p0.phases[phase] - library for p0, _, r in preds])
+        return tuple(np.linalg.lstsq(a, y, rcond=None)[0])
+
+    (t0, k_b), (e0, k_e) = solve("train_step"), solve("evaluate")
     s0 = np.median([r["measured"]["swap"] - p0.phases["swap"] - library for p0, _, r in preds])
     return {"library": int(library), "train_fixed": int(t0), "eval_fixed": int(e0), "swap_fixed": int(s0),
-            "k_block": round(float(k_b), 3)}
+            "k_block": round(float(k_b), 3), "k_eval": round(float(k_e), 3)}
 
 
 def predict_row(r: dict):

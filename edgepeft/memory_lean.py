@@ -10,11 +10,12 @@ holds at its worst moment:
                  + k_b * (one block's saved activations + its dequantized weights)
                  + head: hidden, its gradient and one vocabulary chunk of logits (causal LM)
                  + gradients, AdamW moments and the updated adapter
-    evaluate   = base + e0 + k_b * one block's forward + head (no gradient)
-    infer      = evaluate + the full logits the call returns (causal LM: batch x seq x vocab)
+    evaluate   = base + e0 + k_e * (one block's activations + dequantized weights) + head (no gradient)
+    infer      = evaluate, less the head's loss pass, plus the full logits the call returns
+                 (causal LM: batch x seq x vocab)
     swap       = base + s0 + a second adapter and its optimizer state
 
-``t0``, ``e0``, ``s0``, ``k_b`` and the library term were fitted on this project's host by
+``t0``, ``e0``, ``s0``, ``k_b``, ``k_e`` and the library term were fitted on this project's host by
 ``python -m benchmarks.memory_model --backends lean --fit`` (calibration rows only; the report
 gives the error on held-out rows)."""
 from __future__ import annotations
@@ -23,7 +24,6 @@ from dataclasses import dataclass
 
 from edgepeft.errors import SpecError
 from edgepeft.manifest import Manifest
-from edgepeft.memory import MiB
 
 F32 = 4
 HEAD_CHUNK = 4096  # rows of the LM head per step (runtime/lean_head.CHUNK)
@@ -35,7 +35,8 @@ class LeanCosts:
     train_fixed: int
     eval_fixed: int
     swap_fixed: int
-    k_block: float   # live bytes per byte of one block's saved activations + dequantized weights
+    k_block: float   # live bytes in a step per byte of one block's saved activations + dequantized weights
+    k_eval: float    # the same in evaluation (forward only)
 
     def predict(self, manifest: Manifest, *, batch: int, seq: int, trainable_params: int):
         from edgepeft.memory_model import INTERPRETER, Prediction
@@ -52,9 +53,9 @@ class LeanCosts:
                  "logits": batch * seq * lean["head_rows"] * F32, "gradients": t, "optimizer_state": 2 * t}
         base = INTERPRETER + self.library + t
         train = (base + self.train_fixed + kept + parts["block"] + parts["head_train"] + 4 * t)
-        evaluate = base + self.eval_fixed + int(self.k_block * block / 2) + parts["head_eval"]
+        evaluate = base + self.eval_fixed + int(self.k_eval * block) + parts["head_eval"]
         phases = {"open": base, "train_step": train, "evaluate": evaluate, "swap": base + self.swap_fixed + 3 * t,
-                  "infer": evaluate + parts["logits"]}
+                  "infer": evaluate - parts["head_eval"] + parts["logits"]}
         return Prediction("lean", batch, seq, phases, parts)
 
 
@@ -78,5 +79,6 @@ def _head(lean: dict, batch: int, seq: int, *, train: bool) -> int:
     return int(hidden + n * chunk * F32 * (2 if train else 1) + chunk * d * F32)
 
 
-# Fitted on the calibration rows (see the module docstring); replaced by `--fit`'s output.
-COSTS = LeanCosts(library=24 * MiB, train_fixed=40 * MiB, eval_fixed=30 * MiB, swap_fixed=40 * MiB, k_block=1.0)
+# `python -m benchmarks.memory_model --backends lean --fit` (calibration rows only), 2026-12-01.
+COSTS = LeanCosts(library=19_830_380, train_fixed=18_529_192, eval_fixed=17_752_787, swap_fixed=17_505_092,
+                  k_block=1.737, k_eval=1.556)
