@@ -12,7 +12,7 @@ import sys
 # Table 2 (accuracy) first; the timing comparisons after it, so they run as late as possible.
 MODULES = ("table2", "sizes", "export_time", "swap", "train_step")
 # Run by name only (real LLMs, minutes each): python -m benchmarks llm_memory --model smollm2-135m
-BY_NAME = ("llm_memory",)
+BY_NAME = ("llm_memory", "quant_accuracy")
 
 
 def main(argv: list[str]) -> None:

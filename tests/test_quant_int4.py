@@ -11,6 +11,7 @@ w = q * scale + min per block (exporters/quantize.py), unpacked inside the lean 
   stored weights plus the adapter files."""
 from __future__ import annotations
 
+import json
 import zipfile
 
 import numpy as np
@@ -179,3 +180,26 @@ def test_int4_is_refused_off_lean(tmp_path, backends):
         export_bundle(load_model("tiny-decoder"), methods=case("decoder", "lora")[0], quant="int4",
                       out=tmp_path / "b.edgepeft", backends=backends)
     assert not (tmp_path / "b.edgepeft").exists()
+
+
+def test_cli_exports_int4_for_lean_and_inspects_it(tmp_path):
+    from click.testing import CliRunner
+
+    from edgepeft.cli import main
+
+    runner = CliRunner(env={"EDGEPEFT_CACHE": str(tmp_path / "cache")})
+    out = tmp_path / "d.edgepeft"
+    args = ["export", "--model", "tiny-decoder", "--out", str(out), "--quant", "int4",
+            "--method", "lora:rank=4,targets=q_proj|v_proj"]
+    r = runner.invoke(main, args)
+    assert r.exit_code != 0 and "lean backend only" in r.output and not out.exists()
+    r = runner.invoke(main, [*args, "--backend", "lean"])
+    assert r.exit_code == 0, r.output
+    assert "base int4-asymmetric-block32" in r.output
+    r = runner.invoke(main, ["inspect", str(out), "--json"])
+    assert r.exit_code == 0, r.output
+    m = json.loads(r.output)
+    assert list(m["backends"]) == ["lean"] and names.INFERENCE_MODEL not in m["members"]
+    assert m["quantization"]["block_size"] == 32
+    r = runner.invoke(main, ["inspect", str(out)])
+    assert r.exit_code == 0 and "int4" in r.output, r.output
