@@ -36,8 +36,8 @@ REFERENCE = "PyTorch eager + HF PEFT LoRA (fp32)"
 TARGETS = {"smollm2-135m": 320, "gemma3-270m": 512}  # MiB: issue 15's budgets for the train step
 
 
-def bundle(model: str, seq: int) -> Path:
-    return work() / f"{model}-{seq}-lora-int8-lean-portable.edgepeft"
+def bundle(model: str, seq: int, backends: tuple[str, ...] = ("lean", "portable")) -> Path:
+    return work() / f"{model}-{seq}-lora-int8-{'-'.join(backends)}.edgepeft"
 
 
 def _mib(b: int) -> float:
@@ -55,14 +55,14 @@ def _batch(manifest_or_vocab, batch: int, seq: int, seed: int = 0):
     return ids, np.ones((batch, seq), np.int64), labels
 
 
-def child_export(model: str, seq: int) -> dict:
+def child_export(model: str, seq: int, backends: tuple[str, ...]) -> dict:
     from edgepeft.exporters import export_bundle, load_model
     from edgepeft.specs import LoraSpec
 
     t = time.time()
-    out = bundle(model, seq)
+    out = bundle(model, seq, backends)
     res = export_bundle(load_model(model, max_length=seq), methods=[LoraSpec(rank=8, alpha=16,
-                        targets=("q_proj", "v_proj"))], quant="int8", out=out, backends=("lean", "portable"))
+                        targets=("q_proj", "v_proj"))], quant="int8", out=out, backends=backends)
     return {"seconds": time.time() - t, "bundle_mb": out.stat().st_size / 1e6,
             "members_mb": {k: round(v / 1e6, 2) for k, v in _member_sizes(out).items()},
             "trainable": res.manifest.trainable_params}
@@ -103,7 +103,7 @@ def _ablate(s, flags: list[str]) -> None:
         lean_head.CHUNK = 1 << 30  # the whole vocabulary at once: (positions x vocab) logits
 
 
-def child_edgepeft(model: str, backend: str, batch: int, seq: int, steps: int) -> dict:
+def child_edgepeft(model: str, backend: str, batch: int, seq: int, steps: int, path: Path) -> dict:
     from edgepeft.data import Batch
     from edgepeft.runtime import OptimizerSpec, Session
 
@@ -112,7 +112,7 @@ def child_edgepeft(model: str, backend: str, batch: int, seq: int, steps: int) -
     backend, *flags = backend.split(":")
     store = work() / f"llm-store-{model}-{backend}"
     shutil.rmtree(store, ignore_errors=True)
-    s = phase("open", lambda: Session.open(bundle(model, seq), adapter="bench", store=store, backend=backend,
+    s = phase("open", lambda: Session.open(path, adapter="bench", store=store, backend=backend,
                                            cache_dir=work() / "cache", threads=THREADS,
                                            optimizer=OptimizerSpec(lr=1e-3)))
     _ablate(s, flags)
@@ -177,18 +177,18 @@ def child_peft(model: str, batch: int, seq: int, steps: int) -> dict:
             "torch_loaded": True}
 
 
-def run(model: str, batch: int, seq: int, steps: int, reps: int, configs: dict) -> dict:
-    if not bundle(model, seq).exists():
-        export = run_child("benchmarks.llm_memory", ["--child", "export", "--model", model, "--seq", str(seq)],
-                           timeout=3600)
+def run(model: str, batch: int, seq: int, steps: int, reps: int, configs: dict, backends: tuple[str, ...]) -> dict:
+    path = bundle(model, seq, backends)
+    if not path.exists():
+        export = run_child("benchmarks.llm_memory", ["--child", "export", "--model", model, "--seq", str(seq),
+                                                     "--backends", ",".join(backends)], timeout=3600)
     else:
-        export = {"reused": str(bundle(model, seq)), "members_mb": {k: round(v / 1e6, 2) for k, v in
-                                                                    _member_sizes(bundle(model, seq)).items()}}
+        export = {"reused": str(path), "members_mb": {k: round(v / 1e6, 2) for k, v in _member_sizes(path).items()}}
     results: dict[str, list] = {k: [] for k in configs}
     for _ in range(reps):  # interleaved, so that a noisy period hits every configuration
         for name, (kind, backend) in configs.items():
             args = ["--child", kind, "--model", model, "--batch", str(batch), "--seq", str(seq),
-                    "--steps", str(steps), *(["--backend", backend] if backend else [])]
+                    "--steps", str(steps), "--backends", ",".join(backends), *(["--backend", backend] if backend else [])]
             results[name].append(run_child("benchmarks.llm_memory", args, timeout=3600))
     return {"model": model, "batch": batch, "seq": seq, "steps": steps, "reps": reps, "export": export,
             "results": results, "summary": summarize(results, model)}
@@ -211,9 +211,10 @@ def summarize(results: dict[str, list], model: str) -> dict:
                      "phase_peaks_mib": {p: max(r["peaks_mib"][p] for r in runs) for p in PHASES},
                      "median_step_s": round(step, 3), "step_vs_peft": round(step / ref_step, 3),
                      "losses": runs[0]["losses"], "torch_loaded": runs[0]["torch_loaded"]}
-    lean, today = out["edgepeft lean (int8 base)"], out["edgepeft portable (int8 base, whole-model graph)"]
-    out["lean_vs_portable"] = {"step_time": round(lean["median_step_s"] / today["median_step_s"], 3),
-                               "process_peak": round(lean["process_peak_mib"] / today["process_peak_mib"], 3)}
+    lean, today = out["edgepeft lean (int8 base)"], out.get("edgepeft portable (int8 base, whole-model graph)")
+    if today:
+        out["lean_vs_portable"] = {"step_time": round(lean["median_step_s"] / today["median_step_s"], 3),
+                                   "process_peak": round(lean["process_peak_mib"] / today["process_peak_mib"], 3)}
     target = TARGETS.get(model)
     if target:
         worst = max(lean["phase_peaks_mib"][p] for p in ("train_step", "evaluate", "infer"))
@@ -230,8 +231,10 @@ def markdown(doc: dict) -> str:
           f"{doc['reps']} process(es) per configuration x {doc['steps']} steps (first untimed). Peak RSS in MiB.\n\n")
     md += md_table(["configuration", *PHASES, "process peak", "vs PEFT", "median step (s)", "step vs PEFT",
                     "torch in process"], rows)
-    lv = s["lean_vs_portable"]
-    md += f"\nlean / portable on the same bundle: step time {lv['step_time']:.2f}x, process peak {lv['process_peak']:.2f}x\n"
+    if "lean_vs_portable" in s:
+        lv = s["lean_vs_portable"]
+        md += (f"\nlean / portable on the same bundle: step time {lv['step_time']:.2f}x, process peak "
+               f"{lv['process_peak']:.2f}x\n")
     if "target" in s:
         t = s["target"]
         md += (f"\ntarget: train step, evaluate and infer each <= {t['budget_mib']} MiB: lean's worst phase "
@@ -244,7 +247,7 @@ def plot(doc: dict, path: Path) -> None:
 
     p = plt()
     fig, ax = p.subplots(figsize=(9, 4.5))
-    names_ = list(CONFIGS)
+    names_ = [n for n in CONFIGS if n in doc["summary"]]
     width = 0.8 / len(names_)
     for i, name in enumerate(names_):
         vals = [doc["summary"][name]["phase_peaks_mib"][ph] for ph in PHASES]
@@ -272,17 +275,22 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--child", choices=["export", "edgepeft", "peft"])
     ap.add_argument("--backend", default="lean")
     ap.add_argument("--ablation", action="store_true", help="also run lean with one lever off at a time")
+    ap.add_argument("--backends", default="lean,portable",
+                    help="graphs in the bundle (lean,portable; lean alone skips today's graph, e.g. for Gemma 3)")
     a = ap.parse_args(argv)
+    backends = tuple(a.backends.split(","))
     if a.child == "export":
-        res = child_export(a.model, a.seq)
+        res = child_export(a.model, a.seq, backends)
     elif a.child == "edgepeft":
-        res = child_edgepeft(a.model, a.backend, a.batch, a.seq, a.steps)
+        res = child_edgepeft(a.model, a.backend, a.batch, a.seq, a.steps, bundle(a.model, a.seq, backends))
     elif a.child == "peft":
         res = child_peft(a.model, a.batch, a.seq, a.steps)
     else:
         run_ = Run(NAME, argv if argv is not None else sys.argv[2:])
         run_.name = f"{NAME}_{a.model}"  # one results file per model
-        doc = run(a.model, a.batch, a.seq, a.steps, a.reps, {**CONFIGS, **(ABLATION if a.ablation else {})})
+        configs = {k: v for k, v in {**CONFIGS, **(ABLATION if a.ablation else {})}.items()
+                   if v[0] != "edgepeft" or v[1].split(":")[0] in backends}
+        doc = run(a.model, a.batch, a.seq, a.steps, a.reps, configs, backends)
         path = run_.write(doc, markdown(doc))
         plot(doc, path.with_suffix(".png"))
         print((RESULTS / f"{NAME}_{a.model}.md").read_text())
