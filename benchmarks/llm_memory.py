@@ -252,11 +252,14 @@ def plot(doc: dict, path: Path) -> None:
     for i, name in enumerate(names_):
         vals = [doc["summary"][name]["phase_peaks_mib"][ph] for ph in PHASES]
         ax.bar([j + i * width for j in range(len(PHASES))], vals, width, label=name)
-    for d in load_devices(()).values():
-        mib = d.budget / 2**20
-        if mib < 2500:
+    budgets: dict[float, list[str]] = {}
+    for d in load_devices(()).values():  # devices with one budget share one labelled line
+        budgets.setdefault(round(d.budget / 2**20), []).append(d.name)
+    top = max(v for name in names_ for v in doc["summary"][name]["phase_peaks_mib"].values())
+    for mib, devs in sorted(budgets.items()):
+        if mib < 1.3 * top:
             ax.axhline(mib, ls="--", lw=0.8, color="grey")
-            ax.text(len(PHASES) - 0.4, mib, f"{d.name} {mib:.0f}", fontsize=7, va="bottom", ha="right")
+            ax.text(len(PHASES) - 0.4, mib, f"{', '.join(devs)} {mib:.0f}", fontsize=7, va="bottom", ha="right")
     ax.set_xticks([j + 0.4 - width / 2 for j in range(len(PHASES))], PHASES)
     ax.set_ylabel("peak RSS of the process (MiB)")
     ax.set_title(f"{doc['model']} LoRA training, batch {doc['batch']} x {doc['seq']}: memory per phase")
