@@ -171,6 +171,45 @@ def test_lean_only_bundle_stores_the_weights_once(exported, quant):
     s.close()
 
 
+def test_int4_and_int8_fallbacks_in_one_graph_match_eager(tmp_path):
+    """A 48-wide decoder: weights whose input dimension is 48 fall back to int8 (the embedding,
+    so the tied head is int8 in an int4 bundle), the 96-wide down projections are int4; both
+    kinds meet in one block graph."""
+    from dataclasses import replace
+
+    from edgepeft.exporters import export_bundle, load_model
+    from edgepeft.exporters.zoo.llama import LlamaConfig, LlamaForCausalLM
+
+    cfg = LlamaConfig(vocab_size=259, hidden_size=48, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+                      num_key_value_heads=2, rope_theta=10000.0, max_position_embeddings=256)
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(cfg).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() == 2:
+                p.normal_(0.0, 0.02)
+    src = replace(load_model("tiny-decoder"), name="narrow-decoder", model=model)
+    res = export_bundle(src, methods=case("decoder", "lora")[0], quant="int4", out=tmp_path / "n.edgepeft",
+                        backends=("lean",))
+    q = res.manifest.quantization
+    int8 = sorted(set(q["tensors"]) - set(q["int4_tensors"]))
+    assert "model.embed_tokens.weight" in int8 and "model.layers.0.mlp.gate_proj.weight" in int8
+    assert q["int4_tensors"] == ["model.layers.0.mlp.down_proj.weight", "model.layers.1.mlp.down_proj.weight"]
+    s = _open(res, tmp_path, 1e-2)
+    assert s.backend._head.min is None and s.backend._head.scale is not None  # the int8 head
+    batch = MODELS["decoder"].batch(s)
+    start = {n: v + 0.01 for n, v in s.parameters().items()}
+    s.backend.load_parameters(start)
+    _load_into_reference(res, start)
+    ref_loss, ref_logits, ref_grads = _reference(res, batch, _ce)
+    loss, grads = s.backend.forward_backward(batch)
+    assert loss == pytest.approx(ref_loss, abs=1e-5)
+    np.testing.assert_allclose(s.infer(batch.feeds), ref_logits, atol=1e-5)
+    for n, g in grads.items():
+        np.testing.assert_allclose(g, ref_grads[n], atol=1e-5, rtol=1e-3, err_msg=n)
+    s.close()
+
+
 # -- other backends -------------------------------------------------------------------------------
 @pytest.mark.parametrize("backends", [None, ("ort-training",), ("portable",), ("executorch",), ("lean", "portable")])
 def test_int4_is_refused_off_lean(tmp_path, backends):
