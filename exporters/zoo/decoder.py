@@ -6,6 +6,7 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
+from edgepeft.errors import ExportError
 from edgepeft.exporters.zoo.parts import LeanParts
 
 
@@ -47,6 +48,28 @@ class CausalLM(nn.Module):
 
     def _post(self, h: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         return self._text_positions(self.model.norm(h))
+
+    @classmethod
+    def from_state_dict(cls, config, state: dict[str, torch.Tensor]) -> "CausalLM":
+        """``cls(config)`` holding exactly ``state`` (Hugging Face names; float32 tensors are
+        used, not copied), built on the meta device: no random init of weights about to be
+        replaced."""
+        with torch.device("meta"):
+            model = cls(config)
+        state = {k: v.float() if v.is_floating_point() else v for k, v in state.items()}
+        if config.tie_word_embeddings and "model.embed_tokens.weight" in state:
+            state.setdefault("lm_head.weight", state["model.embed_tokens.weight"])
+        shapes = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+        missing, unexpected = sorted(set(shapes) - set(state)), sorted(set(state) - set(shapes))
+        wrong = [f"{k} {tuple(state[k].shape)} != {shapes[k]}" for k in shapes
+                 if k in state and tuple(state[k].shape) != shapes[k]]
+        if missing or unexpected or wrong:
+            raise ExportError(f"the weights do not fit {config}: missing {missing[:5]}, unexpected "
+                              f"{unexpected[:5]}, wrong shapes {wrong[:5]}")
+        model.load_state_dict(state, assign=True)
+        if config.tie_word_embeddings:  # assign=True replaced the shared Parameter: tie again
+            model.lm_head.weight = model.model.embed_tokens.weight
+        return model.eval()
 
     def lean_parts(self) -> LeanParts:
         """Embeddings (and the layers' context) -> decoder layers -> final norm; the (tied) LM

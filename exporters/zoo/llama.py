@@ -17,7 +17,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from edgepeft.errors import ExportError, SpecError
+from edgepeft.errors import SpecError
 from edgepeft.exporters.peft.slots import ParallelSlot, PrefixSlot, PromptSlot, extend_mask
 from edgepeft.exporters.zoo.decoder import CausalLM, DecoderModel
 
@@ -250,19 +250,4 @@ def smollm2_135m(max_length: int = 64) -> ModelSource:
 def from_state_dict(config: LlamaConfig, state: dict[str, torch.Tensor]) -> LlamaForCausalLM:
     """A float32 model holding exactly ``state`` (Hugging Face names; float32 tensors are used,
     not copied), built on the meta device: no random init of weights about to be replaced."""
-    with torch.device("meta"):
-        model = LlamaForCausalLM(config)
-    state = {k: v.float() if v.is_floating_point() else v for k, v in state.items()}
-    if config.tie_word_embeddings and "model.embed_tokens.weight" in state:
-        state.setdefault("lm_head.weight", state["model.embed_tokens.weight"])
-    shapes = {k: tuple(v.shape) for k, v in model.state_dict().items()}
-    missing, unexpected = sorted(set(shapes) - set(state)), sorted(set(state) - set(shapes))
-    wrong = [f"{k} {tuple(state[k].shape)} != {shapes[k]}" for k in shapes
-             if k in state and tuple(state[k].shape) != shapes[k]]
-    if missing or unexpected or wrong:
-        raise ExportError(f"the weights do not fit {config}: missing {missing[:5]}, unexpected {unexpected[:5]}, "
-                          f"wrong shapes {wrong[:5]}")
-    model.load_state_dict(state, assign=True)
-    if config.tie_word_embeddings:  # assign=True replaced the shared Parameter: tie again
-        model.lm_head.weight = model.model.embed_tokens.weight
-    return model.eval()
+    return LlamaForCausalLM.from_state_dict(config, state)
