@@ -227,3 +227,28 @@ def test_board_over_ssh(tiny, wheel, tmp_path):
     assert rep["backend"] == "portable" and rep["swap_restored"]
     # The board ran plain onnxruntime from PyPI, not the host's training build.
     assert rep["platform"]["onnxruntime"] != res.host.report["platform"]["onnxruntime"]
+
+
+@pytest.mark.device
+@pytest.mark.skipif(not DEVICE_RUN, reason="long device campaign: `make device-test` runs it")
+@pytest.mark.skipif(not Path("/sys/fs/cgroup/memory").is_dir(), reason="needs the cgroup v1 memory controller")
+def test_smollm2_lean_trains_inside_a_pi_zero(tmp_path):
+    """SmolLM2-135M, LoRA r8 q/v, batch 4 x 128 on the lean backend: predicted and measured to
+    fit the Pi Zero 2 W's 320 MiB, and the whole run survives under that hard cap."""
+    import json
+    import subprocess
+
+    from edgepeft.exporters import export_bundle, load_model
+    from edgepeft.specs import LoraSpec
+
+    bundle = tmp_path / "lm.edgepeft"
+    export_bundle(load_model("smollm2-135m", max_length=128), methods=[LoraSpec(rank=8, alpha=16,
+                  targets=("q_proj", "v_proj"))], out=bundle, backends=("lean",))
+    out = subprocess.run([sys.executable, "-m", "edgepeft.cli", "profile", str(bundle), "--device", "rpi-zero-2w",
+                          "--enforce", "--backend", "lean", "--batch", "4", "--seq", "128", "--threads", "2", "--json"],
+                         capture_output=True, text=True, timeout=1800)
+    assert out.returncode == 0, out.stderr[-2000:]
+    report = json.loads(out.stdout)
+    pi = next(d for d in report["devices"] if d["name"] == "rpi-zero-2w")
+    assert pi["fits"] and pi["enforce"]["survived"] and not pi["enforce"]["oom_killed"], pi
+    assert max(report["measured"]["phases"][p] for p in ("train_step", "evaluate", "infer")) <= 320 * 2**20
