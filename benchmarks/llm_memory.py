@@ -33,7 +33,9 @@ ABLATION = {
     "lean, pages released per graph, head in one chunk (full logits)": ("edgepeft", "lean:fullhead"),
 }
 REFERENCE = "PyTorch eager + HF PEFT LoRA (fp32)"
-TARGETS = {"smollm2-135m": 320, "gemma3-270m": 512}  # MiB: issue 15's budgets for the train step
+# MiB and the phases each budget covers (issue 15: SmolLM2's train step, evaluate and infer in a
+# Pi Zero 2 W; Gemma 3's LoRA training, whose infer returns 0.5 GB of logits by definition).
+TARGETS = {"smollm2-135m": (320, ("train_step", "evaluate", "infer")), "gemma3-270m": (512, ("train_step",))}
 
 
 def bundle(model: str, seq: int, backends: tuple[str, ...] = ("lean", "portable")) -> Path:
@@ -215,10 +217,11 @@ def summarize(results: dict[str, list], model: str) -> dict:
     if today:
         out["lean_vs_portable"] = {"step_time": round(lean["median_step_s"] / today["median_step_s"], 3),
                                    "process_peak": round(lean["process_peak_mib"] / today["process_peak_mib"], 3)}
-    target = TARGETS.get(model)
-    if target:
-        worst = max(lean["phase_peaks_mib"][p] for p in ("train_step", "evaluate", "infer"))
-        out["target"] = {"budget_mib": target, "lean_worst_phase_mib": worst, "met": worst <= target}
+    if model in TARGETS:
+        budget, phases = TARGETS[model]
+        worst = max(lean["phase_peaks_mib"][p] for p in phases)
+        out["target"] = {"budget_mib": budget, "phases": list(phases), "lean_worst_phase_mib": worst,
+                         "met": worst <= budget}
     return out
 
 
@@ -237,7 +240,7 @@ def markdown(doc: dict) -> str:
                f"{lv['process_peak']:.2f}x\n")
     if "target" in s:
         t = s["target"]
-        md += (f"\ntarget: train step, evaluate and infer each <= {t['budget_mib']} MiB: lean's worst phase "
+        md += (f"\ntarget: {', '.join(t['phases'])} each <= {t['budget_mib']} MiB: lean's worst of them "
                f"{t['lean_worst_phase_mib']} MiB -> {'met' if t['met'] else 'NOT met'}\n")
     return md
 
