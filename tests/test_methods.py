@@ -180,6 +180,22 @@ def _load_into_reference(res, tensors) -> None:
             params[n].copy_(torch.from_numpy(v))
 
 
+def assert_step_matches_eager(res, s, batch: Batch, tensors=None, *, atol: float = 1e-5):
+    """Loads ``tensors`` (default: the session's adapter) into the runtime and the eager reference,
+    then checks one step's loss, the logits and every gradient against eager PyTorch."""
+    tensors = s.parameters() if tensors is None else tensors
+    s.backend.load_parameters(tensors)
+    _load_into_reference(res, tensors)
+    ref_loss, ref_logits, ref_grads = _reference(res, batch, _ce)
+    loss, grads = s.backend.forward_backward(batch)
+    assert loss == pytest.approx(ref_loss, abs=atol)
+    np.testing.assert_allclose(s.infer(batch.feeds), ref_logits, atol=atol)
+    assert sorted(grads) == sorted(ref_grads)
+    for n, g in grads.items():
+        np.testing.assert_allclose(g, ref_grads[n], atol=atol, rtol=1e-3, err_msg=n)
+    return loss, grads
+
+
 @pytest.mark.parametrize("model, method, backend", CASES)
 def test_method_on_model(exported, model, method, backend):
     res, d = exported(model, method, backend)
@@ -191,13 +207,7 @@ def test_method_on_model(exported, model, method, backend):
     batch = MODELS[model].batch(s)
 
     # Parity at the initial adapter (the reference is shared by the backends' cases: reset it)...
-    _load_into_reference(res, s.parameters())
-    ref_loss, ref_logits, ref_grads = _reference(res, batch, _ce)
-    loss, grads = s.backend.forward_backward(batch)
-    assert loss == pytest.approx(ref_loss, abs=1e-5)
-    np.testing.assert_allclose(s.infer(batch.feeds), ref_logits, atol=1e-5)
-    for n, g in grads.items():
-        np.testing.assert_allclose(g, ref_grads[n], atol=1e-5, rtol=1e-3, err_msg=n)
+    assert_step_matches_eager(res, s, batch)
 
     # ... training lowers the loss ...
     losses = [s.train_step(batch) for _ in range(12)]

@@ -15,7 +15,7 @@ import os
 import numpy as np
 import pytest
 
-from test_methods import MODELS, _ce, _load_into_reference, _reference, case
+from test_methods import MODELS, _ce, _load_into_reference, _reference, assert_step_matches_eager, case
 from edgepeft.runtime import OptimizerSpec, Session
 
 FULL_SET = ({("encoder", k) for k in ("lora", "rslora", "lora-fa", "prompt-random", "prompt-text", "prefix", "bitfit",
@@ -57,15 +57,10 @@ def test_lean_method_on_model(exported, model, method):
     assert lean.backend.name == "lean" and today.backend.name == "ort-training"
     batch = MODELS[model].batch(lean)
 
-    _load_into_reference(res, lean.parameters())
-    ref_loss, ref_logits, ref_grads = _reference(res, batch, _ce)
-    loss, grads = lean.backend.forward_backward(batch)
+    loss, grads = assert_step_matches_eager(res, lean, batch)
     t_loss, t_grads = today.backend.forward_backward(batch)
-    assert loss == pytest.approx(ref_loss, abs=1e-5) and loss == pytest.approx(t_loss, abs=1e-5)
-    np.testing.assert_allclose(lean.infer(batch.feeds), ref_logits, atol=1e-5)
-    assert sorted(grads) == sorted(ref_grads)
+    assert loss == pytest.approx(t_loss, abs=1e-5)
     for n, g in grads.items():
-        np.testing.assert_allclose(g, ref_grads[n], atol=1e-5, rtol=1e-3, err_msg=n)
         np.testing.assert_allclose(g, t_grads[n], atol=1e-5, rtol=1e-3, err_msg=n)
 
     curve = [lean.train_step(batch) for _ in range(STEPS)]
@@ -128,8 +123,6 @@ def test_lean_gemma3_groups_blocks_by_attention_type(tmp_path):
     longer than the window."""
     import json
 
-    import torch
-
     from edgepeft.data import Batch
     from edgepeft.exporters import export_bundle
     from edgepeft.exporters.zoo.gemma3 import tiny_gemma3
@@ -146,14 +139,7 @@ def test_lean_gemma3_groups_blocks_by_attention_type(tmp_path):
     labels = np.full(ids.shape, -100)
     labels[:, :-1] = ids[:, 1:]
     batch = Batch({"input_ids": ids, "attention_mask": mask}, labels)
-    _load_into_reference(res, {n: v + 0.01 for n, v in s.parameters().items()})
-    s.backend.load_parameters({n: v + 0.01 for n, v in s.parameters().items()})
-    ref_loss, ref_logits, ref_grads = _reference(res, batch, _ce)
-    loss, grads = s.backend.forward_backward(batch)
-    assert loss == pytest.approx(ref_loss, abs=1e-5)
-    np.testing.assert_allclose(s.infer(batch.feeds), ref_logits, atol=1e-5)
-    for n, g in grads.items():
-        np.testing.assert_allclose(g, ref_grads[n], atol=1e-5, rtol=1e-3, err_msg=n)
+    assert_step_matches_eager(res, s, batch, {n: v + 0.01 for n, v in s.parameters().items()})
 
 
 @pytest.mark.slow

@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 import torch
 
-from test_methods import MODELS, _ce, _load_into_reference, _reference, case
+from test_methods import MODELS, assert_step_matches_eager, case
 from edgepeft import names
 from edgepeft.errors import SpecError
 from edgepeft.exporters import quantize as Q
@@ -127,16 +127,7 @@ def test_int4_lean_matches_eager_and_trains(exported, model):
     s = _open(res, d, lr)
     batch = MODELS[model].batch(s)
     # Off the initial adapter (LoRA B starts at zero), so every gradient path carries signal.
-    start = {n: v + 0.01 for n, v in s.parameters().items()}
-    s.backend.load_parameters(start)
-    _load_into_reference(res, start)
-    ref_loss, ref_logits, ref_grads = _reference(res, batch, _ce)
-    loss, grads = s.backend.forward_backward(batch)
-    assert loss == pytest.approx(ref_loss, abs=1e-5)
-    np.testing.assert_allclose(s.infer(batch.feeds), ref_logits, atol=1e-5)
-    assert sorted(grads) == sorted(ref_grads)
-    for n, g in grads.items():
-        np.testing.assert_allclose(g, ref_grads[n], atol=1e-5, rtol=1e-3, err_msg=n)
+    assert_step_matches_eager(res, s, batch, {n: v + 0.01 for n, v in s.parameters().items()})
     s.backend.load_parameters(s.parameters())
     curve = [s.train_step(batch) for _ in range(12)]
     assert curve[-1] < (1 - min_drop) * curve[0], curve
@@ -198,15 +189,7 @@ def test_int4_and_int8_fallbacks_in_one_graph_match_eager(tmp_path):
     s = _open(res, tmp_path, 1e-2)
     assert s.backend._head.min is None and s.backend._head.scale is not None  # the int8 head
     batch = MODELS["decoder"].batch(s)
-    start = {n: v + 0.01 for n, v in s.parameters().items()}
-    s.backend.load_parameters(start)
-    _load_into_reference(res, start)
-    ref_loss, ref_logits, ref_grads = _reference(res, batch, _ce)
-    loss, grads = s.backend.forward_backward(batch)
-    assert loss == pytest.approx(ref_loss, abs=1e-5)
-    np.testing.assert_allclose(s.infer(batch.feeds), ref_logits, atol=1e-5)
-    for n, g in grads.items():
-        np.testing.assert_allclose(g, ref_grads[n], atol=1e-5, rtol=1e-3, err_msg=n)
+    assert_step_matches_eager(res, s, batch, {n: v + 0.01 for n, v in s.parameters().items()})
     s.close()
 
 
