@@ -192,12 +192,15 @@ def test_the_memory_model_dispatches_per_record(bundle_int8, monkeypatch):
 
 
 def test_backends_without_a_prediction_are_named_not_keyerrors(bundle_int8):
-    for b in (names.BACKEND_EXECUTORCH, names.BACKEND_LEAN):
-        assert memory_model.no_prediction(b) == f"no prediction for backend {b!r}; measured only"
-        with pytest.raises(memory_model.SpecError, match=f"no memory prediction for backend '{b}'"):
-            memory_model.predict(bundle_int8.manifest, backend=b, batch=1)
-        note = memory_model.check(bundle_int8.manifest, backend=b, batch=8, seq=None, budget=1, what="x")
-        assert note == memory_model.no_prediction(b)
+    b = names.BACKEND_EXECUTORCH
+    assert memory_model.no_prediction(b) == f"no prediction for backend {b!r}; measured only"
+    with pytest.raises(memory_model.SpecError, match=f"no memory prediction for backend '{b}'"):
+        memory_model.predict(bundle_int8.manifest, backend=b, batch=1)
+    note = memory_model.check(bundle_int8.manifest, backend=b, batch=8, seq=None, budget=1, what="x")
+    assert note == memory_model.no_prediction(b)
+    # lean has a model, which needs the lean memory card this bundle (no lean graphs) lacks.
+    with pytest.raises(memory_model.SpecError, match="no lean memory card"):
+        memory_model.predict(bundle_int8.manifest, backend=names.BACKEND_LEAN, batch=1)
     with pytest.raises(BackendError, match="unknown backend"):
         memory_model.predict(bundle_int8.manifest, backend="nope", batch=1)
 
@@ -239,11 +242,14 @@ def test_profile_predict_only_on_an_unpredicted_backend_says_so(bundle_int8, tmp
     from edgepeft.cli import main
 
     runner = CliRunner(env={"EDGEPEFT_CACHE": str(tmp_path / "cache")})
-    for backend in (names.BACKEND_EXECUTORCH, names.BACKEND_LEAN):
-        r = runner.invoke(main, ["profile", str(bundle_int8.path), "--device", "host", "--predict-only",
-                                 "--backend", backend])
-        assert r.exit_code == 1 and isinstance(r.exception, SystemExit), r.output
-        assert f"no prediction for backend '{backend}'" in r.output and "--backend ort-training" in r.output
+    backend = names.BACKEND_EXECUTORCH
+    r = runner.invoke(main, ["profile", str(bundle_int8.path), "--device", "host", "--predict-only",
+                             "--backend", backend])
+    assert r.exit_code == 1 and isinstance(r.exception, SystemExit), r.output
+    assert f"no prediction for backend '{backend}'" in r.output and "--backend ort-training" in r.output
+    r = runner.invoke(main, ["profile", str(bundle_int8.path), "--device", "host", "--predict-only",
+                             "--backend", names.BACKEND_LEAN])
+    assert r.exit_code == 1 and "no lean memory card" in r.output and "re-export" in r.output, r.output
     monkeypatch.setitem(REGISTRY, names.BACKEND_ORT, dataclasses.replace(REGISTRY[names.BACKEND_ORT], memory=None))
     r = runner.invoke(main, ["profile", str(bundle_int8.path), "--device", "host", "--predict-only"])
     assert r.exit_code == 1 and "no prediction for backend 'ort-training'" in r.output, r.output

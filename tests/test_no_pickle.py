@@ -16,6 +16,11 @@ BANNED_MODULES = {"pickle", "cPickle", "_pickle", "dill", "cloudpickle", "joblib
 BANNED_CALLS = {"eval", "exec", "compile", "__import__", "torch.load", "pickle.load", "pickle.loads",
                 "yaml.load", "yaml.unsafe_load", "register_custom_ops_library", "ctypes.CDLL", "ctypes.cdll.LoadLibrary"}
 NUMPY_LOADS = {"np.load", "numpy.load"}
+# Reviewed exceptions, each with its reason: (file, what the scan reports) -> why it is safe.
+ALLOWED = {
+    ("runtime/backends/lean.py", "calls ctypes.CDLL"):
+        "the C library under its fixed name, for malloc_trim; never a path from a bundle",
+}
 
 
 def _dotted(node: ast.AST) -> str:
@@ -50,8 +55,11 @@ def _violations(path: Path) -> list[str]:
 
 def test_the_device_path_has_no_unpickling_or_eval():
     assert len(DEVICE_PATH) > 15  # the scan sees the whole device path
-    bad = [v for p in DEVICE_PATH for v in _violations(p)]
+    found = [v for p in DEVICE_PATH for v in _violations(p)]
+    bad = [v for v in found if (v.split(":")[0], v.split(" ", 1)[1]) not in ALLOWED]
     assert bad == [], "\n".join(bad)
+    # Every exception is still there to be reviewed (a stale entry would hide a new use).
+    assert {(v.split(":")[0], v.split(" ", 1)[1]) for v in found} >= set(ALLOWED)
 
 
 def test_the_scanner_catches_what_it_looks_for(tmp_path):
