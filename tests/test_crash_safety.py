@@ -56,7 +56,9 @@ def _kill_campaign(ctx, root, trials: int, seed: int) -> dict:
     figures = {"trials": 0, "failures": 0, "steps_saved": 0, "killed_mid_save": 0, "debris_seen": 0}
     last = 0
     for _ in range(trials):
-        progress, started = ctx.Value("q", -1), ctx.Event()
+        # No lock: a worker SIGKILLed while holding a synchronized Value's lock would leave the
+        # next read here waiting forever (seen once in 300 trials).
+        progress, started = ctx.Value("q", -1, lock=False), ctx.Event()
         proc = ctx.Process(target=rel.train_forever, args=(str(root), progress, started))
         proc.start()
         assert started.wait(30), "worker did not start"
