@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Iterable
 
 from edgepeft import names
-from edgepeft.errors import BundleError, ManifestError
+from edgepeft.errors import BundleError, ManifestError, SignatureError
 from edgepeft.fsutil import atomic_path, fsync_dir, sha256_bytes, sha256_file
 from edgepeft.manifest import Manifest
 
@@ -191,7 +191,7 @@ def open_bundle(path: Path, cache_dir: Path | None = None, *, trusted_keys: Iter
         root = cache_dir / sha256_bytes(raw)[:24]
         if root.is_dir() and _cache_ok(root, manifest):
             return OpenedBundle(path, manifest, root, signed_by)
-        _unpack(z, manifest, infos, root, path)
+        _unpack(z, manifest, infos, root, path, SignatureError if signed_by else BundleError)
     return OpenedBundle(path, manifest, root, signed_by)
 
 
@@ -225,9 +225,11 @@ def _check_members(manifest: Manifest, infos: list[zipfile.ZipInfo], path: Path,
         )
 
 
-def _unpack(z: zipfile.ZipFile, manifest: Manifest, infos: list[zipfile.ZipInfo], root: Path, path: Path) -> None:
+def _unpack(z: zipfile.ZipFile, manifest: Manifest, infos: list[zipfile.ZipInfo], root: Path, path: Path,
+            mismatch: type[BundleError] = BundleError) -> None:
     """Extract and hash every member into a temp folder, then rename it to ``root``: the cache
-    holds a complete verified bundle or nothing."""
+    holds a complete verified bundle or nothing. A member that does not match its hash raises
+    ``mismatch`` (SignatureError for a signed bundle: it was altered after signing)."""
     sizes = {i.filename: i.file_size for i in infos}
     _check_space(root.parent, sum(sizes[m] for m in manifest.members), path)
     tmp = root.with_name(f".{root.name}.tmp-{os.getpid()}-{threading.get_ident()}")
@@ -235,7 +237,7 @@ def _unpack(z: zipfile.ZipFile, manifest: Manifest, infos: list[zipfile.ZipInfo]
     try:
         for member, digest in manifest.members.items():
             if _extract(z, member, tmp / member, path) != digest:
-                raise BundleError(f"bundle member {member!r} does not match its sha256 in the manifest; the bundle "
+                raise mismatch(f"bundle member {member!r} does not match its sha256 in the manifest; the bundle "
                                   "was altered or corrupted: re-download it")
         shutil.rmtree(root, ignore_errors=True)
         try:
