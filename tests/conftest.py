@@ -10,6 +10,7 @@ from typing import Callable, Iterator
 
 import pytest
 
+from _figures import pytest_runtest_logreport, pytest_terminal_summary  # noqa: F401  (figures for CI's log)
 from edgepeft.data import Example
 from edgepeft.specs import LoraSpec
 
