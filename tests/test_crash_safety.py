@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 
 import _reliability as rel
+from _figures import record
 import edgepeft.adapters
 from edgepeft import names
 from edgepeft.adapters import AdapterStore
@@ -83,20 +84,22 @@ def _kill_campaign(ctx, root, trials: int, seed: int) -> dict:
     return figures
 
 
-def test_sigkill_campaign(ctx, tmp_path):
+def test_sigkill_campaign(ctx, tmp_path, request):
     trials = int(os.environ.get("EDGEPEFT_KILL_TRIALS", "50"))
     figures = _kill_campaign(ctx, tmp_path / "store", trials, seed=1)
     print(f"\nkill campaign: {json.dumps(figures)}")
+    record(request, "kill_campaign", figures)
     assert figures["trials"] == trials and figures["steps_saved"] > 0
     # The kills landed inside saves, not only between them.
     assert figures["killed_mid_save"] > 0
 
 
 @pytest.mark.slow
-def test_sigkill_campaign_long(ctx, tmp_path):
+def test_sigkill_campaign_long(ctx, tmp_path, request):
     trials = int(os.environ.get("EDGEPEFT_KILL_TRIALS_SLOW", "300"))
     figures = _kill_campaign(ctx, tmp_path / "store", trials, seed=2)
     print(f"\nlong kill campaign: {json.dumps(figures)}")
+    record(request, "kill_campaign_long", figures)
     assert figures["trials"] == trials
 
 
@@ -116,7 +119,7 @@ def _ops_in_one_save(tmp_path) -> int:
     return counter[0]
 
 
-def test_sigkill_before_every_filesystem_operation_of_a_save(ctx, tmp_path):
+def test_sigkill_before_every_filesystem_operation_of_a_save(ctx, tmp_path, request):
     """Deterministic: die just before the 1st, 2nd, ... file-system call of a replacing save
     (including between the two renames); the store holds version 1 or version 2, complete,
     and the next save succeeds and cleans up."""
@@ -146,6 +149,7 @@ def test_sigkill_before_every_filesystem_operation_of_a_save(ctx, tmp_path):
     # Early deaths keep version 1, late ones give version 2, and the switch happens once.
     assert outcomes[0] == 1 and outcomes[-1] == 2
     assert outcomes == sorted(outcomes)
+    record(request, "kill_points", {"fs_operations_per_save": n_ops, "kill_points": len(outcomes), "failures": 0})
 
 
 def test_file_too_large_keeps_the_previous_version(ctx, tmp_path):
@@ -207,14 +211,46 @@ def test_injected_write_faults_keep_the_previous_version(tmp_path, monkeypatch, 
 
 
 # -- a real session: killed while training, resumed --------------------------------------------------
-def test_session_killed_while_training_resumes(bundle_int8, tmp_path, cache_dir, train_examples):
-    """SIGKILL a real `edgepeft train` process mid-run (3 times); each time the next session
-    opens the adapter at a saved step count and trains on from it."""
+def _replay_session(path, cache_dir, store, batch, steps: int) -> list[tuple[dict, tuple]]:
+    """(weights, optimizer state) after 0, 1, ... ``steps`` steps of an uninterrupted session
+    on ``batch``: what every complete save of the killed runs must equal exactly."""
+    from edgepeft.runtime import Session
+
+    s = Session.open(path, adapter="alice", store=store, cache_dir=cache_dir, threads=1)
+    try:
+        states = []
+        for i in range(steps + 1):
+            flat, t = s._cur.optimizer.state_dict()
+            states.append((s.parameters(), ({k: v.copy() for k, v in flat.items()}, t)))
+            if i < steps:
+                s.train_step(batch)
+        return states
+    finally:
+        s.close()
+
+
+def _assert_state(where: str, tensors: dict, opt: tuple | None, want: tuple[dict, tuple]) -> None:
+    """``tensors`` and optimizer state ``opt`` are exactly the replay's ``want``."""
+    want_tensors, (want_flat, want_t) = want
+    assert set(tensors) == set(want_tensors), where
+    for n, v in tensors.items():
+        np.testing.assert_array_equal(v, want_tensors[n], err_msg=f"{where}: {n}")
+    flat, t = opt if opt is not None else ({}, 0)
+    assert t == want_t and set(flat) == set(want_flat), (where, t, want_t)
+    for k, v in flat.items():
+        np.testing.assert_array_equal(v, want_flat[k], err_msg=f"{where}: optimizer {k}")
+
+
+def test_session_killed_while_training_resumes(bundle_int8, tmp_path, cache_dir, train_examples, request):
+    """SIGKILL a real training process mid-run (3 times). After each kill the stored adapter is
+    one complete save: its weights and optimizer state equal, bit for bit, those of an
+    uninterrupted session after the recorded number of steps; the next session resumes exactly
+    that state (weights and optimizer) and trains on from it."""
     import subprocess
     import sys
     import time
 
-    from edgepeft.data import write_jsonl
+    from edgepeft.data import read_jsonl, write_jsonl
     from edgepeft.runtime import Session
 
     data = tmp_path / "train.jsonl"
@@ -226,7 +262,7 @@ def test_session_killed_while_training_resumes(bundle_int8, tmp_path, cache_dir,
             "b = s.encoder.batch(read_jsonl(sys.argv[3]))\nprint('ready', flush=True)\n"
             "while True:\n    s.train_step(b)\n    s.save_adapter()\n")
     rng = np.random.default_rng(3)
-    seen = []
+    seen, replay = [], None
     for _ in range(3):
         p = subprocess.Popen([sys.executable, "-c", code, str(bundle_int8.path), str(store), str(data)],
                              env=env, stdout=subprocess.PIPE, text=True)
@@ -236,20 +272,33 @@ def test_session_killed_while_training_resumes(bundle_int8, tmp_path, cache_dir,
         p.wait(30)
         s = Session.open(bundle_int8.path, adapter="alice", store=store, cache_dir=cache_dir, threads=1)
         try:
-            seen.append(s.steps)
-            assert not seen[:-1] or s.steps >= seen[-2]
-            s.train_step(train_examples)  # training resumes
-            assert all(np.all(np.isfinite(v)) for v in s.parameters().values())
+            steps = s.steps
+            seen.append(steps)
+            assert steps > (seen[-2] if len(seen) > 1 else 0), f"no step saved since the last kill: {seen}"
+            if replay is None or len(replay) <= steps:
+                batch = s.encoder.batch(read_jsonl(data))
+                replay = _replay_session(bundle_int8.path, cache_dir, tmp_path / f"replay-{steps}", batch,
+                                         steps + 50)
+            stored = AdapterStore(store, bundle_int8.manifest)
+            tensors, meta = stored.load("alice")
+            assert meta["steps"] == steps
+            _assert_state(f"stored after kill {len(seen)}", tensors, stored.load_optimizer("alice"), replay[steps])
+            _assert_state(f"resumed after kill {len(seen)}", s.parameters(), s._cur.optimizer.state_dict(),
+                          replay[steps])
+            s.train_step(s.encoder.batch(read_jsonl(data)))  # training resumes from exactly there
+            _assert_state(f"one step after kill {len(seen)}", s.parameters(), s._cur.optimizer.state_dict(),
+                          replay[steps + 1])
         finally:
             s.close()
     print(f"\nreal session killed 3 times; steps found after each kill: {seen}")
-    assert seen[-1] > 0
+    record(request, "real_session_kills", {"kills": len(seen), "steps_after_each_kill": seen, "failures": 0})
 
 
 # -- numerical faults ---------------------------------------------------------------------------------
 @pytest.mark.filterwarnings("ignore:overflow encountered:RuntimeWarning",
                             "ignore:invalid value encountered:RuntimeWarning")
-def test_exploding_learning_rate_never_reaches_the_saved_adapter(open_session, bundle_int8, tmp_path, train_examples):
+def test_exploding_learning_rate_never_reaches_the_saved_adapter(open_session, bundle_int8, tmp_path, train_examples,
+                                                                   request):
     """Two good steps are saved; a session with lr=1e300 (every update overflows) has each
     step rejected, and what it saves is still the good adapter, from which training resumes."""
     store = tmp_path / "store"
@@ -278,6 +327,7 @@ def test_exploding_learning_rate_never_reaches_the_saved_adapter(open_session, b
     meta = json.loads((store / "alice" / names.ADAPTER_META).read_text())
     assert meta["steps"] == 2 and meta["optimizer_step"] == 2
     assert rejected == 5
+    record(request, "exploding_lr", {"rejected_steps": rejected, "failures": 0})
 
 
 @pytest.mark.parametrize("fault", ["nan-loss", "inf-loss", "nan-grad", "inf-grad"])
