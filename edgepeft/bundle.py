@@ -21,8 +21,8 @@ from pathlib import Path
 from typing import Iterable
 
 from edgepeft import names
-from edgepeft.errors import BundleError, ManifestError, SignatureError
-from edgepeft.fsutil import atomic_path, fsync_dir, sha256_bytes, sha256_file
+from edgepeft.errors import BundleError, ManifestError, PathError, SignatureError
+from edgepeft.fsutil import atomic_path, check_output_file, ensure_dir, fsync_dir, sha256_bytes, sha256_file
 from edgepeft.manifest import Manifest
 
 MAX_MEMBER_BYTES = 4 << 30  # a member claiming more than 4 GiB is not a bundle we wrote
@@ -44,10 +44,10 @@ _ZIP_ERRORS = (zipfile.BadZipFile, zipfile.LargeZipFile, OSError, EOFError, Valu
 def write_bundle(out: Path, manifest: Manifest, files: dict[str, Path], *, sign_key=None) -> Manifest:
     """Pack ``files`` (member name -> local path) with ``manifest`` into ``out`` atomically.
     ``sign_key`` (a private key file from ``edgepeft keygen``) adds an ed25519 signature over
-    the manifest. Returns the manifest with the members' hashes filled in."""
+    the manifest. Returns the manifest with the members' hashes filled in. Missing folders of
+    ``out`` are made (the CLI refuses them instead); a parent that is a file is a PathError."""
     signing = _signing() if sign_key is not None else None
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
+    out = check_output_file(Path(out), "bundle", create_parents=True)
     key = signing.load_private_key(sign_key) if signing else None
     members = {m: sha256_file(p) for m, p in files.items()}
     manifest = manifest.with_members(members)
@@ -121,8 +121,13 @@ def _parse_manifest(raw: bytes) -> Manifest:
 
 def _open_zip(path: Path) -> zipfile.ZipFile:
     path = Path(path)
-    if not path.is_file():
+    if path.is_dir():
+        raise BundleError(f"{str(path)!r} is a folder, not a bundle file; give the .edgepeft file "
+                          "(`edgepeft export --out FILE` writes one)")
+    if not path.exists():
         raise BundleError(f"bundle {str(path)!r} does not exist; export one with `edgepeft export`")
+    if not path.is_file():
+        raise BundleError(f"{str(path)!r} is not a regular file; give the .edgepeft bundle file")
     try:
         return zipfile.ZipFile(path)
     except _ZIP_ERRORS as e:
@@ -255,7 +260,10 @@ def _unpack(z: zipfile.ZipFile, manifest: Manifest, infos: list[zipfile.ZipInfo]
 
 
 def _check_space(folder: Path, need: int, path: Path) -> None:
-    folder.mkdir(parents=True, exist_ok=True)
+    try:
+        ensure_dir(folder, "the bundle cache")
+    except PathError as e:
+        raise PathError(f"{e} (set EDGEPEFT_CACHE, or pass cache_dir=, to a folder)") from None
     free = shutil.disk_usage(folder).free
     if need > free:
         raise BundleError(f"unpacking bundle {str(path)!r} needs {need} bytes but {str(folder)!r} has {free} free; "

@@ -52,3 +52,8 @@ class LockError(EdgePeftError):
 
 class NumericalError(EdgePeftError):
     """A step produced a non-finite loss or parameters; the adapter was restored."""
+
+
+class PathError(EdgePeftError):
+    """A path given to write to (or a cache folder) is unusable: its folder is missing or is a
+    file, or it is a folder where a file is expected."""

@@ -8,6 +8,7 @@ from typing import Any
 
 from edgepeft import names
 from edgepeft.errors import ManifestError
+from edgepeft.manifest_schema import validate
 from edgepeft.specs import MethodSpec, canonical_method, spec_from_dict
 
 
@@ -121,6 +122,9 @@ class Manifest:
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "backends", {str(k): BackendEntry.parse(str(k), v) for k, v in self.backends.items()})
+        dup = sorted({x for x in self.labels if self.labels.count(x) > 1})
+        if dup:  # an exporter given labels ("a", "a") is refused before it writes a bundle
+            raise ManifestError(f"labels must be unique, got duplicates {dup}: give each class one name")
 
     # -- derived -----------------------------------------------------------------------------
     @property
@@ -177,6 +181,25 @@ class Manifest:
                          and f.default_factory is dataclasses.MISSING)
         if missing:
             raise ManifestError(f"manifest.json lacks {missing}; the bundle is corrupted or truncated: re-export it")
+        validate(data)  # types, ranges, known tasks and losses, the memory card (edgepeft.manifest_schema)
+        manifest = cls._build(data)
+        manifest.check_backend_members()
+        return manifest
+
+    def check_backend_members(self) -> None:
+        """ManifestError unless every backend entry's members are members of the bundle (once the
+        member list is filled in: an exporter builds the manifest before it has the hashes)."""
+        if not self.members:
+            return
+        for name, entry in self.backends.items():
+            missing = sorted(set(entry.members.values()) - set(self.members))
+            if missing:
+                raise ManifestError(f"the manifest's {name!r} entry names files the bundle does not hold ({missing}); "
+                                    "the manifest was edited or corrupted: re-export the bundle")
+
+    @classmethod
+    def _build(cls, data: dict) -> "Manifest":
+        """The Manifest of schema-checked ``data``."""
         try:
             return cls(
                 schema_version=int(data["schema_version"]),

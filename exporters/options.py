@@ -7,10 +7,12 @@ from typing import Literal, Mapping, Sequence
 
 from edgepeft import names
 from edgepeft.errors import SpecError
+from edgepeft.manifest_schema import TASK_LOSS
 
 CAUSAL_LM = "causal-lm"  # the task of a next-token model (manifest "task")
-# task -> the loss trained on the device; for a plain nn.Module the loss chooses the task.
-LOSSES = {"classification": "cross_entropy", CAUSAL_LM: "causal_lm"}
+# task -> the loss trained on the device (defined once, with the manifest's schema); for a
+# plain nn.Module the loss chooses the task.
+LOSSES = dict(TASK_LOSS)
 TASKS = {loss: task for task, loss in LOSSES.items()}
 QUANTS = ("int8", "int4", "none")
 # The backends whose graphs take int4 weights (unpacked in the graph from uint8 codes). The
@@ -98,8 +100,11 @@ def _check_int4(quant: str, backends: tuple[str, ...] | None) -> None:
 def _names(field: str, value: Sequence[str] | None) -> tuple[str, ...] | None:
     if not value:  # None or empty: the default labels
         return None
-    if isinstance(value, str) or not all(isinstance(v, str) for v in value):
-        raise SpecError(f"`{field}` must be a list of strings, got {value!r}: e.g. ['neg', 'pos']")
+    if isinstance(value, str) or not all(isinstance(v, str) and v for v in value):
+        raise SpecError(f"`{field}` must be a list of non-empty strings, got {value!r}: e.g. ['neg', 'pos']")
+    dup = sorted({v for v in value if list(value).count(v) > 1})
+    if dup:
+        raise SpecError(f"`{field}` has duplicates {dup}: give each class one name")
     return tuple(value)
 
 

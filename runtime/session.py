@@ -16,17 +16,21 @@ from edgepeft import memory_model, names
 from edgepeft.adapters import AdapterStore, check_adapter_name, default_store
 from edgepeft.bundle import OpenedBundle, open_bundle
 from edgepeft.data import Batch, Example, TextEncoder
-from edgepeft.errors import AdapterError, DataError, MemoryBudgetError, NumericalError
+from edgepeft.errors import AdapterError, BackendError, DataError, MemoryBudgetError, NumericalError
 from edgepeft.manifest import Manifest
 from edgepeft.memory import parse_size
 from edgepeft.optim import Optimizer, OptimizerSpec
 from edgepeft.runtime.backends import Backend, make_backend, resolve
 from edgepeft.runtime.backends.base import eval_predictions
 from edgepeft.runtime.batching import accumulate
+from edgepeft.runtime import inputs as check
 from edgepeft.runtime.budget import MemoryBudget, static_bytes
+from edgepeft.runtime.guard import UpdateGuard
+
+_DEFAULT_GUARD = UpdateGuard()
 
 # Their homes are edgepeft.errors and edgepeft.adapters; importable from here as before.
-__all__ = ["EvalResult", "NumericalError", "Session", "default_store"]
+__all__ = ["EvalResult", "NumericalError", "Session", "UpdateGuard", "default_store"]
 
 
 @dataclass(frozen=True)
@@ -81,13 +85,15 @@ class Session:
         self._name = ""
         self._cur: _Adapter | None = None
         self.micro_batch = False
+        # Refuses a step whose update is out of proportion to the weights (None: off).
+        self.update_guard: UpdateGuard | None = _DEFAULT_GUARD
 
     @classmethod
     def open(cls, path: str | Path, *, memory_budget: int | str | None = None, adapter: str = "default",
              store: str | Path | None = None, backend: str = "auto", threads: int | None = None,
              optimizer: OptimizerSpec | None = None, cache_dir: str | Path | None = None,
              trusted_keys: Iterable | None = None, batch_size: int | None = None,
-             micro_batch: bool = False) -> "Session":
+             micro_batch: bool = False, update_guard: UpdateGuard | None = _DEFAULT_GUARD) -> "Session":
         """Open a bundle for training and inference with ``adapter`` active: the stored adapter of
         that name if there is one, else a new adapter starting from the bundle's initial one.
 
@@ -113,8 +119,14 @@ class Session:
         ``trusted_keys`` (publisher public keys: .pub files from `edgepeft keygen`, PEM bytes or
         key objects): only a bundle signed by one of them opens (SignatureError otherwise).
         The session locks each adapter it loads against other processes until ``close``
-        (LockError if another process holds it)."""
+        (LockError if another process holds it).
+
+        ``update_guard`` (runtime.guard.UpdateGuard; None: off): a step whose update moves a
+        tensor out of proportion to its weights (by default more than 10x its RMS, or RMS 1.0
+        for a tensor under 0.1) is refused with NumericalError, changing nothing."""
         check_adapter_name(adapter)
+        if update_guard is not None and not isinstance(update_guard, UpdateGuard):
+            raise DataError(f"`update_guard` must be an UpdateGuard or None, got {update_guard!r}")
         budget = MemoryBudget(parse_size(memory_budget))
         budget.start()
         bundle = open_bundle(Path(path), Path(cache_dir) if cache_dir else None, trusted_keys=trusted_keys)
@@ -125,6 +137,7 @@ class Session:
             store_dir = Path(store) if store else default_store(Path(path))
             s = cls(bundle, be, AdapterStore(store_dir, bundle.manifest), budget, optimizer or OptimizerSpec())
             s.micro_batch = micro_batch
+            s.update_guard = update_guard
             s._activate(adapter)
         return s
 
@@ -223,11 +236,11 @@ class Session:
             self._encoder = TextEncoder(self.bundle.path(names.TOKENIZER), self.manifest)
         return self._encoder
 
-    def _as_batch(self, batch: Batch | Sequence[Example], need_labels: bool) -> Batch:
+    def _as_batch(self, batch: Batch | Sequence[Example], need_labels: bool, what: str) -> Batch:
         if isinstance(batch, Batch):
             b = batch
         else:
-            batch = list(batch)
+            batch = check.examples(batch, what)
             if not batch:
                 raise DataError("empty batch")
             b = self.encoder.batch(batch)
@@ -240,7 +253,7 @@ class Session:
         """One optimizer step on the active adapter; returns the loss (before the step). A step
         whose loss, gradients or updated tensors are not finite changes nothing and raises
         NumericalError."""
-        b = self._as_batch(batch, need_labels=True)
+        b = self._as_batch(batch, need_labels=True, what="train_step()")
         chunks = self._fit_budget(b)
         with self.budget.phase("train_step", on_over=self._save_and_stop):
             loss, grads = self._forward_backward(chunks)
@@ -250,19 +263,36 @@ class Session:
     def _apply(self, loss: float, grads: dict[str, np.ndarray]) -> None:
         """The optimizer step on the active adapter, or NumericalError changing nothing."""
         cur = self._cur
+        self._check_grads(grads)
         bad = not math.isfinite(loss) or not all(np.all(np.isfinite(g)) for g in grads.values())
         if not bad:
             saved = cur.optimizer.state_dict()
             new = cur.optimizer.step(cur.tensors, grads)
             bad = not all(np.all(np.isfinite(v)) for v in new.values())
-            if bad:
+            big = [] if bad or self.update_guard is None else self.update_guard.violations(cur.tensors, new)
+            if bad or big:
                 cur.optimizer.load_state_dict(*saved)
+            if big:
+                raise NumericalError(
+                    f"a step on adapter {self._name!r} would move {'; '.join(big[:3])}: out of proportion to the "
+                    f"weights ({self.update_guard}); nothing was changed: lower the learning rate or clip gradients "
+                    "(OptimizerSpec(max_grad_norm=...)), or loosen the guard (Session.open(update_guard=...))")
         if bad:
             raise NumericalError(f"a step on adapter {self._name!r} gave a non-finite loss ({loss}), gradient or "
                                  "update; nothing was changed: lower the learning rate or check the data")
         self.backend.load_parameters(new)
         cur.tensors = new
         cur.steps += 1
+
+    def _check_grads(self, grads: Mapping[str, np.ndarray]) -> None:
+        """BackendError unless the backend gave one gradient per trainable tensor, at its shape
+        (a damaged graph could give fewer, or broadcastable ones the optimizer would take)."""
+        bad = [f"{t.name}: {getattr(grads.get(t.name), 'shape', 'missing')} (expected {t.shape})"
+               for t in self.manifest.trainable
+               if not isinstance(grads.get(t.name), np.ndarray) or tuple(grads[t.name].shape) != t.shape]
+        if bad:
+            raise BackendError(f"{self.backend.name} gave gradients that do not fit the adapter ({bad[:3]}); "
+                               "the bundle's training graph is damaged: re-export it")
 
     def _save_and_stop(self, e: MemoryBudgetError) -> MemoryBudgetError:
         """The watchdog, when a step ended over the budget: keep the work, stop cleanly."""
@@ -300,8 +330,9 @@ class Session:
         """Mean loss and top-1 accuracy over ``batches``, weighted by labelled positions."""
         total_loss, correct, n = 0.0, 0, 0
         with self.budget.phase("evaluate"):
-            for batch in batches:
-                b = self._as_batch(batch, need_labels=True)
+            for batch in check.batches(batches):
+                check.check_batch_item(batch)
+                b = self._as_batch(batch, need_labels=True, what="evaluate()'s batches")
                 loss, pred = eval_predictions(self.backend, b)
                 valid = b.labels != names.IGNORE_INDEX
                 count = int(valid.sum())
@@ -313,13 +344,27 @@ class Session:
         return EvalResult(total_loss / n, correct / n, n)
 
     def infer(self, inputs: Sequence[str] | Mapping[str, np.ndarray]) -> np.ndarray:
-        """Logits for texts (tokenized with the bundle's tokenizer) or for model input arrays."""
-        feeds = dict(inputs) if isinstance(inputs, Mapping) else self.encoder.encode(list(inputs))
+        """Logits for texts (a list of strings, tokenized with the bundle's tokenizer) or for
+        model input arrays (a mapping of input name -> array); one row per text or batch row."""
+        if isinstance(inputs, Mapping):
+            feeds = check.feeds(inputs, [i.name for i in self.manifest.inputs], self.manifest.max_length)
+        else:
+            feeds = self.encoder.encode(check.texts(inputs, "infer()"))
         with self.budget.phase("infer"):
-            return self.backend.infer(feeds)
+            logits = self.backend.infer(feeds)
+        rows = len(next(iter(feeds.values()))) if feeds else None
+        if not isinstance(logits, np.ndarray) or logits.ndim < 1 or (rows is not None and len(logits) != rows):
+            raise BackendError(f"{self.backend.name} gave logits of shape {getattr(logits, 'shape', None)} for "
+                               f"{rows} rows; the bundle's inference graph is damaged: re-export it")
+        return logits
 
     def predict(self, texts: Sequence[str]) -> list[str]:
-        return [self.manifest.labels[i] for i in self.infer(texts).argmax(axis=-1)]
+        """The label of each text (classification bundles)."""
+        logits = self.infer(check.texts(texts, "predict()"))
+        if logits.shape[-1] != len(self.manifest.labels):
+            raise BackendError(f"the model gives {logits.shape[-1]} scores per text for {len(self.manifest.labels)} "
+                               "labels: predict() is for classification bundles (use infer() for logits)")
+        return [self.manifest.labels[i] for i in logits.argmax(axis=-1)]
 
     def close(self) -> None:
         self.backend.close()

@@ -35,7 +35,16 @@ from edgepeft.cli._shared import backend_choice, export_backends_help, names, ou
 def export(model_ref: str, out: Path, rank: int, alpha: float, targets: str, modules_to_save: str,
            labels: str | None, quant: str, method_texts: tuple[str, ...], backends: tuple[str, ...],
            init_adapter: Path | None, executorch_batch_size: int, sign_key: Path | None) -> None:
-    """Export a model with LoRA into a bundle (host side; needs torch)."""
+    """Export a model with LoRA into a bundle (host side; needs torch). OUT's folder must exist."""
+    from edgepeft.errors import SpecError
+    from edgepeft.fsutil import check_output_file
+
+    # Before the export (which takes seconds to minutes): a path it could not write is refused now.
+    check_output_file(out, "bundle", create_parents=False)
+    label_names = names(labels)
+    if len(set(label_names)) != len(label_names):
+        raise SpecError(f"--labels has duplicates {sorted({x for x in label_names if label_names.count(x) > 1})}: "
+                        "give each class one name")
     try:
         from edgepeft.exporters import export_bundle, load_model
     except ImportError as e:
@@ -50,7 +59,7 @@ def export(model_ref: str, out: Path, rank: int, alpha: float, targets: str, mod
         methods = [parse_method(t) for t in method_texts]
     else:
         methods = [LoraSpec(rank=rank, alpha=alpha, targets=names(targets), modules_to_save=names(modules_to_save))]
-    kwargs = {"labels": names(labels)} if labels else {}
+    kwargs = {"labels": label_names} if label_names else {}
     src = load_model(model_ref, **kwargs)
     res = export_bundle(src, methods=methods, quant=quant, out=out, init_adapter=init_adapter,
                         backends=backends or None, sign_key=sign_key, executorch_batch_size=executorch_batch_size)

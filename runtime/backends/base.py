@@ -5,13 +5,14 @@ A backend computes; the session owns the adapter tensors and the optimizer, so t
 backend trains the same way and adapters move between backends unchanged."""
 from __future__ import annotations
 
-from typing import Mapping, Protocol, Sequence, runtime_checkable
+from contextlib import contextmanager
+from typing import Iterator, Mapping, Protocol, Sequence, runtime_checkable
 
 import numpy as np
 
 from edgepeft.bundle import OpenedBundle
 from edgepeft.data import Batch
-from edgepeft.errors import BackendError, DataError
+from edgepeft.errors import BackendError, BundleError, DataError, EdgePeftError
 from edgepeft.manifest import BackendEntry
 
 
@@ -63,3 +64,34 @@ def eval_predictions(backend: Backend, batch) -> tuple[float, np.ndarray]:
         return own(batch)
     loss, logits = backend.eval_step(batch)
     return loss, logits.argmax(axis=-1)
+
+
+@contextmanager
+def engine_errors(backend: str, phase: str, *, members: Sequence[str] = ()) -> Iterator[None]:
+    """Translate what an engine (onnxruntime, ExecuTorch, numpy on its outputs) raises inside
+    the ``with`` body into the error family, keeping its type and message (and chaining it):
+    BundleError naming ``members`` while they are being loaded (a graph, checkpoint or program
+    that does not load is a corrupted or mismatched bundle), else BackendError naming
+    ``phase``. EdgePeftErrors pass through unchanged. Usable as a decorator too."""
+    try:
+        yield
+    except EdgePeftError:
+        raise
+    except Exception as e:
+        raise engine_error(backend, phase, e, members=members) from e
+
+
+def engine_error(backend: str, phase: str, e: BaseException, *, members: Sequence[str] = ()) -> EdgePeftError:
+    """The EdgePeftError ``engine_errors`` raises for ``e`` (for code that cannot use a ``with``)."""
+    what = f"{type(e).__name__}: {_first_lines(str(e))}"
+    if members:
+        return BundleError(f"{backend}: bundle member(s) {', '.join(map(repr, members))} failed to load in {phase} "
+                           f"({what}); the bundle is corrupted or was altered: re-export or re-download it")
+    return BackendError(f"{backend}: {phase} failed ({what}); check that the inputs match the bundle's "
+                        "signature (`edgepeft inspect`), else the bundle's graphs are damaged: re-export it")
+
+
+def _first_lines(text: str, limit: int = 600) -> str:
+    """An engine's message, on one line and bounded (onnxruntime's carry C++ stack frames)."""
+    one = " ".join(text.split())
+    return one if len(one) <= limit else one[:limit] + " ..."

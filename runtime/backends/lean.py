@@ -25,7 +25,7 @@ from edgepeft.data import Batch
 from edgepeft.errors import BackendError, BundleError
 from edgepeft.runtime import lean_head
 from edgepeft.runtime.backends._ort_import import onnxruntime
-from edgepeft.runtime.backends.base import backend_entry, check_inputs
+from edgepeft.runtime.backends.base import backend_entry, check_inputs, engine_errors
 from edgepeft.runtime.losses import cross_entropy
 
 _DTYPES = {"F32": np.float32, "I8": np.int8, "U8": np.uint8, "I64": np.int64, "F16": np.float16, "I32": np.int32}
@@ -85,14 +85,17 @@ class LeanBackend:
     def __init__(self, bundle: OpenedBundle, *, threads: int | None = None):
         entry = backend_entry(bundle, self.name, "lean graphs")
         self._bundle = bundle
-        self._plan = json.loads(bundle.path(entry.members["plan"]).read_text())
-        self._weights = MappedWeights(bundle.path(entry.members["weights"]))
+        with engine_errors(self.name, "reading the plan", members=[entry.members["plan"]]):
+            self._plan = json.loads(bundle.path(entry.members["plan"]).read_text(encoding="utf-8"))
+        with engine_errors(self.name, "mapping the weights", members=[entry.members["weights"]]):
+            self._weights = MappedWeights(bundle.path(entry.members["weights"]))
         self._opts = self._options(threads)
         self._sessions: dict[str, object] = {}
         self._trainable = bundle.manifest.trainable_names
         self._inputs = [i.name for i in bundle.manifest.inputs]
         self._params: dict[str, np.ndarray] = {}
-        self._head = self._make_head()
+        with engine_errors(self.name, "building the LM head", members=list(entry.members.values())):
+            self._head = self._make_head()
 
     def _make_head(self) -> lean_head.Head | None:
         """The LM head as stored: int4 (the plan names its packed codes, scales and mins), int8
@@ -131,9 +134,10 @@ class LeanBackend:
             ort = onnxruntime()
             # No constant folding: it would turn DequantizeLinear of a constant into fp32 copies
             # (there are none here, weights are inputs, but keep int8 honest), and no CSE.
-            s = self._sessions[member] = ort.InferenceSession(
-                str(self._bundle.path(member)), self._opts, providers=["CPUExecutionProvider"],
-                disabled_optimizers=["ConstantFolding", "CommonSubexpressionElimination"])
+            with engine_errors(self.name, "creating an onnxruntime session", members=[member]):
+                s = self._sessions[member] = ort.InferenceSession(
+                    str(self._bundle.path(member)), self._opts, providers=["CPUExecutionProvider"],
+                    disabled_optimizers=["ConstantFolding", "CommonSubexpressionElimination"])
         return s
 
     def _free(self) -> None:
@@ -178,6 +182,7 @@ class LeanBackend:
         return inputs, ctx, saved, h
 
     # -- Backend protocol ------------------------------------------------------------------------
+    @engine_errors(names.BACKEND_LEAN, "the train step")
     def forward_backward(self, batch: Batch) -> tuple[float, dict[str, np.ndarray]]:
         inputs, ctx, saved, h = self._forward(batch.feeds, keep=True)
         grads: dict[str, np.ndarray] = {}
@@ -214,10 +219,12 @@ class LeanBackend:
         inputs, _, _, h = self._forward(feeds, keep=False)
         return self._run(self._plan["post"]["fwd"], "", {"h": h, **inputs})["out0"]
 
+    @engine_errors(names.BACKEND_LEAN, "evaluation")
     def eval_step(self, batch: Batch) -> tuple[float, np.ndarray]:
         logits = self.infer(batch.feeds)
         return cross_entropy(logits, batch.labels), logits
 
+    @engine_errors(names.BACKEND_LEAN, "evaluation")
     def eval_predictions(self, batch: Batch) -> tuple[float, np.ndarray]:
         """Loss and top-1 predictions without a causal LM's full logits."""
         if self._head is None:
@@ -227,6 +234,7 @@ class LeanBackend:
         self._free()
         return out
 
+    @engine_errors(names.BACKEND_LEAN, "inference")
     def infer(self, feeds: Mapping[str, np.ndarray]) -> np.ndarray:
         out = self._hidden(feeds)
         if self._head is None:

@@ -10,7 +10,8 @@ from edgepeft import names
 from edgepeft.bundle import OpenedBundle
 from edgepeft.data import Batch
 from edgepeft.runtime.backends._ort_import import session_options, training_api
-from edgepeft.runtime.backends.base import backend_entry, check_inputs
+from edgepeft.errors import BundleError
+from edgepeft.runtime.backends.base import backend_entry, check_inputs, engine_errors
 
 
 class OrtTrainingBackend:
@@ -23,14 +24,31 @@ class OrtTrainingBackend:
 
         opts = session_options(ort, threads)
         self._trainable = bundle.manifest.trainable_names
-        paths = {role: str(bundle.path(member)) for role, member in entry.members.items()}
-        self._state = api.CheckpointState.load_checkpoint(paths["checkpoint"])
+        members = entry.members
+        paths = {role: str(bundle.path(member)) for role, member in members.items()}
+        with engine_errors(self.name, "loading the checkpoint", members=[members["checkpoint"]]):
+            self._state = api.CheckpointState.load_checkpoint(paths["checkpoint"])
         # The Module must exist before any parameter assignment (assigning into a bare
         # CheckpointState segfaults in 1.19.2).
-        self._module = api.Module(paths["training_model"], self._state, paths["eval_model"], device="cpu",
-                                  session_options=opts)
-        self._inputs = list(self._module.input_names())
+        graphs = [members["training_model"], members["eval_model"], members["checkpoint"]]
+        with engine_errors(self.name, "building the training module", members=graphs):
+            self._module = api.Module(paths["training_model"], self._state, paths["eval_model"], device="cpu",
+                                      session_options=opts)
+            self._inputs = list(self._module.input_names())
+        self._check_checkpoint(bundle, members["checkpoint"])
         self._causal = bundle.manifest.task == "causal-lm"
+
+    def _check_checkpoint(self, bundle: OpenedBundle, member: str) -> None:
+        """BundleError unless the checkpoint holds every trainable tensor at its manifest shape:
+        assigning an adapter into a mismatched parameter is not something to discover mid-step."""
+        with engine_errors(self.name, "reading the checkpoint's parameters", members=[member]):
+            params = self._state.parameters
+            have = {n: tuple(params[n].data.shape) for n in self._trainable if n in params}
+        bad = [f"{t.name} {have.get(t.name, 'missing')} (manifest {t.shape})" for t in bundle.manifest.trainable
+               if have.get(t.name) != t.shape]
+        if bad:
+            raise BundleError(f"bundle member {member!r} does not hold the trainable tensors the manifest lists: "
+                              f"{bad[:3]}; the bundle is corrupted or was altered: re-export it")
 
     def _args(self, batch: Batch) -> list[np.ndarray]:
         feeds = dict(batch.feeds)
@@ -42,6 +60,7 @@ class OrtTrainingBackend:
         check_inputs(feeds, self._inputs)
         return [feeds[n] for n in self._inputs]
 
+    @engine_errors(names.BACKEND_ORT, "the train step")
     def forward_backward(self, batch: Batch) -> tuple[float, dict[str, np.ndarray]]:
         self._module.train()
         out = self._module(*self._args(batch))
@@ -51,19 +70,25 @@ class OrtTrainingBackend:
         self._module.lazy_reset_grad()
         return loss, grads
 
+    @engine_errors(names.BACKEND_ORT, "evaluation")
     def eval_step(self, batch: Batch) -> tuple[float, np.ndarray]:
+        return self._eval(batch)
+
+    def _eval(self, batch: Batch) -> tuple[float, np.ndarray]:
         self._module.eval()
         loss, logits = self._module(*self._args(batch))
         return float(loss), np.asarray(logits)
 
+    @engine_errors(names.BACKEND_ORT, "inference")
     def infer(self, feeds: Mapping[str, np.ndarray]) -> np.ndarray:
         # The eval graph serves inference too: same weights, no second copy of the base.
-        return self.eval_step(Batch(dict(feeds), None))[1]
+        return self._eval(Batch(dict(feeds), None))[1]
 
     def named_parameters(self) -> dict[str, np.ndarray]:
         params = self._state.parameters
         return {n: params[n].data.copy() for n in self._trainable}
 
+    @engine_errors(names.BACKEND_ORT, "loading the adapter")
     def load_parameters(self, tensors: Mapping[str, np.ndarray]) -> None:
         params = self._state.parameters
         for n in self._trainable:

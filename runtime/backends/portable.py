@@ -13,7 +13,7 @@ from edgepeft.bundle import OpenedBundle
 from edgepeft.data import Batch
 from edgepeft.errors import BackendError
 from edgepeft.runtime.backends._ort_import import onnxruntime, session_options
-from edgepeft.runtime.backends.base import backend_entry, check_inputs
+from edgepeft.runtime.backends.base import backend_entry, check_inputs, engine_errors
 from edgepeft.runtime.losses import cross_entropy
 
 
@@ -34,8 +34,11 @@ class PortableBackend:
         # No constant folding: it would turn every int8 DequantizeLinear into a resident fp32
         # copy of the weight (MiniLM: +70 MB per session). Dequantizing per run is what keeps
         # the frozen base int8 in memory.
-        self._session = lambda member: ort.InferenceSession(
-            str(bundle.path(member)), opts, providers=["CPUExecutionProvider"], disabled_optimizers=["ConstantFolding"])
+        def session(member: str):
+            with engine_errors(self.name, "creating an onnxruntime session", members=[member]):
+                return ort.InferenceSession(str(bundle.path(member)), opts, providers=["CPUExecutionProvider"],
+                                            disabled_optimizers=["ConstantFolding"])
+        self._session = session
         self._grad = self._session(entry.members["gradient_model"])
         self._infer_session = None  # made on first evaluate/infer: training alone never pays for it
         self._trainable = m.trainable_names
@@ -48,17 +51,23 @@ class PortableBackend:
             raise BackendError("no adapter loaded")
         return {**{n: batch.feeds[n] for n in self._inputs}, **self._params}
 
+    @engine_errors(names.BACKEND_PORTABLE, "the train step")
     def forward_backward(self, batch: Batch) -> tuple[float, dict[str, np.ndarray]]:
         feeds = self._feeds(batch)
         feeds[names.LABELS_INPUT] = batch.labels
         loss, *grads = self._grad.run(None, feeds)
         return float(loss), dict(zip(self._trainable, grads))
 
+    @engine_errors(names.BACKEND_PORTABLE, "evaluation")
     def eval_step(self, batch: Batch) -> tuple[float, np.ndarray]:
-        logits = self.infer(batch.feeds)
+        logits = self._logits(batch.feeds)
         return cross_entropy(logits, batch.labels), logits
 
+    @engine_errors(names.BACKEND_PORTABLE, "inference")
     def infer(self, feeds: Mapping[str, np.ndarray]) -> np.ndarray:
+        return self._logits(feeds)
+
+    def _logits(self, feeds: Mapping[str, np.ndarray]) -> np.ndarray:
         if self._infer_session is None:
             self._infer_session = self._session(names.INFERENCE_MODEL)
         return self._infer_session.run([names.LOGITS_OUTPUT], self._feeds(Batch(dict(feeds))))[0]
