@@ -9,6 +9,7 @@ import pytest
 from click.testing import CliRunner
 
 import _reliability as rel
+from _figures import record
 from edgepeft.adapters import AdapterStore
 from edgepeft.errors import LockError
 
@@ -88,7 +89,7 @@ def test_a_killed_holder_frees_the_lock(ctx, tmp_path):
     store.release_all()
 
 
-def test_concurrent_writers_never_interleave(ctx, tmp_path):
+def test_concurrent_writers_never_interleave(ctx, tmp_path, request):
     """Two processes save alice 15 times each while this one reads it: every version read
     is whole (its tensors carry the value its metadata names), and no save fails."""
     root = tmp_path / "store"
@@ -99,7 +100,7 @@ def test_concurrent_writers_never_interleave(ctx, tmp_path):
         p.start()
     start.set()
     reader = AdapterStore(root, rel.synthetic_manifest(), lock_wait=30)
-    reads = 0
+    reads, versions = 0, set()
     while any(p.is_alive() for p in procs):
         if reader.exists(rel.ADAPTER):
             with reader._locked(rel.ADAPTER, 30):  # a reader that wants a stable view takes the lock
@@ -107,6 +108,7 @@ def test_concurrent_writers_never_interleave(ctx, tmp_path):
             for k, v in tensors.items():
                 np.testing.assert_array_equal(v, np.full(rel.SHAPES[k], meta["value"], np.float32), err_msg=k)
             reads += 1
+            versions.add(meta["value"])
         time.sleep(0.01)
     for p in procs:
         rel.wait_dead(p)
@@ -115,7 +117,10 @@ def test_concurrent_writers_never_interleave(ctx, tmp_path):
     tensors, meta = reader.load(rel.ADAPTER)
     assert meta["steps"] == n - 1
     assert sorted(p.name for p in root.iterdir()) == ["_locks", rel.ADAPTER]
+    # The reads must have happened while the writers ran, or nothing above was checked.
+    assert reads >= 2 and len(versions) >= 2, f"{reads} reads of {len(versions)} versions while the writers ran"
     print(f"\nconcurrent writers: 2 x {n} saves, {reads} consistent reads, 0 failures")
+    record(request, "concurrent_writers", {"writers": 2, "saves_each": n, "reads": reads, "versions_read": len(versions), "failures": 0})
 
 
 def test_two_sessions_on_one_adapter_across_processes(ctx, bundle_int8, tmp_path, cache_dir, open_session):
