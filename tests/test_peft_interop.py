@@ -56,11 +56,18 @@ def logits_of(model, batch):
 SPEC = LoraSpec(rank=4, alpha=8.0, targets=("query", "value"), modules_to_save=("classifier",))
 
 
+# The tolerances the README quotes. Over an fp32 base PEFT gives the runtime's logits to 1e-5;
+# over the int8 base the runtime's frozen weights are quantized and PEFT's (transformers') are
+# not, so the logits differ by the quantization (1.7e-3 measured on the tiny encoder, logits ~0.8).
+INTEROP_ATOL = {"none": 1e-5, "int8": 3e-3}
+
+
 @pytest.mark.filterwarnings("ignore::FutureWarning")
-@pytest.mark.parametrize("zoo", ["tiny-encoder", pytest.param("minilm", marks=pytest.mark.slow)])
-def test_device_adapter_loads_in_peft(tmp_path, train_examples, zoo):
+@pytest.mark.parametrize("zoo, quant", [("tiny-encoder", "none"), ("tiny-encoder", "int8"),
+                                        pytest.param("minilm", "none", marks=pytest.mark.slow)])
+def test_device_adapter_loads_in_peft(tmp_path, train_examples, zoo, quant):
     src = load_model(zoo, labels=("neg", "pos"))
-    res = export_bundle(src, methods=[SPEC], quant="none", out=tmp_path / "b.edgepeft", backends=ORT_ONLY)
+    res = export_bundle(src, methods=[SPEC], quant=quant, out=tmp_path / "b.edgepeft", backends=ORT_ONLY)
     s = Session.open(res.path, adapter="alice", store=tmp_path / "st", cache_dir=tmp_path / "c",
                      optimizer=OptimizerSpec(lr=1e-2), threads=1)
     for _ in range(5):
@@ -72,7 +79,7 @@ def test_device_adapter_loads_in_peft(tmp_path, train_examples, zoo):
     b = s.encoder.batch(train_examples)
     theirs, ours = logits_of(pm, b), s.infer(b.feeds)
     assert np.abs(ours).max() > 0.1  # trained, not the zero-init identity
-    np.testing.assert_allclose(theirs, ours, atol=1e-5)
+    np.testing.assert_allclose(theirs, ours, rtol=0, atol=INTEROP_ATOL[quant])
 
 
 @pytest.mark.filterwarnings("ignore::FutureWarning")
