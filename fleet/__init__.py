@@ -1,0 +1,1 @@
+"""Fleet learning on Flower (placeholder, filled below)."""

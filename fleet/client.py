@@ -1,0 +1,93 @@
+"""The Flower ClientApp of a device (Message API: ``@app.train``, ``@app.evaluate``).
+
+Train message in: ``arrays`` (the fleet adapter's trainable tensors) and ``config``
+(``local-steps``, ``server-round``, ``bundle-sha256``, ``fleet-version``, ``fleet-signature``).
+Reply: ``arrays`` (the trainable tensors after K local steps: nothing else leaves the device),
+``metrics`` (``num-examples``, the FedAvg weight; ``unit-weight`` = 1 for DP's uniform
+weighting; first/last local loss; the step's measured peak memory) and ``fleet``
+(this device's bundle sha256, which the server checks).
+
+Mods, outermost first: ``int8_delta_mod`` (optional: the reply leaves as an int8 delta) then
+Flower's ``fixedclipping_mod`` (DP: the update is clipped to the norm the server's DP wrapper
+sends). A SecAgg+ run (legacy message layout) is served by ``edgepeft.fleet.secagg``."""
+from __future__ import annotations
+
+from typing import Callable
+
+from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.clientapp import ClientApp
+from flwr.clientapp.mod import fixedclipping_mod
+
+from edgepeft.fleet.device import Device, DeviceSettings
+from edgepeft.fleet.wire import from_record, int8_delta_mod, to_record
+
+# (settings, user) for the node that runs this message, from its Context.
+Resolver = Callable[[Context], "tuple[DeviceSettings, str]"]
+
+# One Device per process and settings. Flower calls the app once per message; opening the
+# bundle each time would cost a base load per message (seconds for MiniLM). In a simulation
+# several virtual nodes share a process, and their users' adapters share this one session.
+_DEVICES: dict[DeviceSettings, Device] = {}
+
+
+def device_for(settings: DeviceSettings) -> Device:
+    if settings not in _DEVICES:
+        _DEVICES[settings] = Device(settings)
+    return _DEVICES[settings]
+
+
+def close_devices() -> None:
+    """Close every Device this process opened (tests; a process exiting needs nothing)."""
+    while _DEVICES:
+        _DEVICES.popitem()[1].close()
+
+
+def _accepted(dev: Device, msg: Message):
+    cfg = msg.content["config"]
+    sig = cfg.get("fleet-signature")
+    return dev.accept(from_record(msg.content["arrays"]), bundle_sha=str(cfg["bundle-sha256"]),
+                      version=int(cfg["fleet-version"]), signature=bytes(sig) if sig else None), cfg
+
+
+def handle_train(msg: Message, context: Context, resolve: Resolver) -> Message:
+    if "fitins.parameters" in msg.content.array_records:  # SecAgg+ speaks the legacy layout
+        from edgepeft.fleet.secagg import legacy_train
+
+        return legacy_train(msg, context, resolve)
+    settings, user = resolve(context)
+    dev = device_for(settings)
+    fleet, cfg = _accepted(dev, msg)
+    new, n, losses = dev.train(user, fleet, steps=int(cfg["local-steps"]), seed=f"{cfg['server-round']}:{user}")
+    metrics = MetricRecord({"num-examples": n, "unit-weight": 1, "train-loss-first": losses[0],
+                            "train-loss-last": losses[-1],
+                            "train-peak-bytes": int(dev.session.budget.peaks.get("train_step", 0))})
+    content = RecordDict({"arrays": to_record(new), "metrics": metrics,
+                          "fleet": ConfigRecord({"bundle-sha256": dev.bundle_sha})})
+    return Message(content, reply_to=msg)
+
+
+def handle_evaluate(msg: Message, context: Context, resolve: Resolver) -> Message:
+    settings, user = resolve(context)
+    dev = device_for(settings)
+    fleet, _ = _accepted(dev, msg)
+    res = dev.evaluate(user, fleet)
+    metrics = MetricRecord({"num-examples": res.n, "unit-weight": 1, "eval-accuracy": res.accuracy,
+                            "eval-loss": res.loss})
+    return Message(RecordDict({"metrics": metrics}), reply_to=msg)
+
+
+def make_client_app(resolve: Resolver, *, clip: bool = False, int8: bool = False) -> ClientApp:
+    """A ClientApp whose nodes are devices; ``clip``: DP's client-side fixed clipping (pair
+    it with the server's ``dp_noise``); ``int8``: replies as int8 deltas."""
+    mods = ([int8_delta_mod] if int8 else []) + ([fixedclipping_mod] if clip else [])
+    app = ClientApp(mods=mods)
+
+    @app.train()
+    def train(msg: Message, context: Context) -> Message:
+        return handle_train(msg, context, resolve)
+
+    @app.evaluate()
+    def evaluate(msg: Message, context: Context) -> Message:
+        return handle_evaluate(msg, context, resolve)
+
+    return app
