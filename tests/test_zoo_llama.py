@@ -451,7 +451,7 @@ def test_smollm2_matches_transformers(smollm2, hf_gguf):
         want = hf(input_ids=ids, attention_mask=mask).logits
     diff = float(((got - want).abs() * mask[..., None]).max())
     print(f"max |logit difference| vs transformers: {diff:.3g} (logit scale {float(want.abs().max()):.1f})")
-    assert diff < 2e-4
+    assert diff < 1e-4  # the README's figure (5.7e-5 measured; logits up to ~34)
 
 
 @pytest.mark.slow
