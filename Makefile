@@ -21,7 +21,7 @@ $(STAMP): pyproject.toml requirements/constraints.txt requirements/host.txt requ
 BACKEND ?= ort-training
 
 demo: setup
-	$(BIN)/edgepeft demo --backend $(BACKEND)
+	$(BIN)/edgepeft demo --backend $(BACKEND) --results benchmarks/results/demo-$(BACKEND).json
 
 # Test files run on both cores (one file per worker keeps module fixtures shared).
 test: setup
