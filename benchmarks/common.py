@@ -2,11 +2,8 @@
 and writing results (JSON + markdown + PNG) to benchmarks/results/."""
 from __future__ import annotations
 
-import datetime
-import importlib.metadata
 import json
 import os
-import platform
 import statistics
 import subprocess
 import sys
@@ -15,53 +12,15 @@ import time
 from pathlib import Path
 from typing import Any, Sequence
 
+from edgepeft.provenance import machine
+
 RESULTS = Path(__file__).parent / "results"
-PACKAGES = ("edgepeft", "torch", "onnxruntime-training-cpu", "onnxruntime", "onnx", "numpy", "transformers", "peft",
-            "executorch", "tokenizers")
 THREADS = 2
 
 
 def work() -> Path:
     """Where bundles, adapter stores and caches go (``EDGEPEFT_BENCH_WORK``, default out/bench)."""
     return Path(os.environ.get("EDGEPEFT_BENCH_WORK", "out/bench"))
-
-
-def versions() -> dict[str, str]:
-    out = {}
-    for p in PACKAGES:
-        try:
-            out[p] = importlib.metadata.version(p)
-        except importlib.metadata.PackageNotFoundError:
-            pass
-    return out
-
-
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor()
-
-
-def mem_total_mib() -> float | None:
-    try:
-        for line in Path("/proc/meminfo").read_text().splitlines():
-            if line.startswith("MemTotal:"):
-                return int(line.split()[1]) / 1024
-    except OSError:
-        pass
-    return None
-
-
-def machine() -> dict[str, Any]:
-    """Where and when: platform, CPU, cores, memory, Python, package versions, load, date."""
-    return {"platform": platform.platform(), "machine": platform.machine(), "cpu": cpu_model(),
-            "cpu_count": os.cpu_count(), "mem_total_mib": mem_total_mib(), "python": platform.python_version(),
-            "packages": versions(), "loadavg": list(os.getloadavg()),
-            "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
 
 
 class Run:

@@ -60,10 +60,7 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config) -> None:
 
 def _write(config) -> None:
     """Merge this run's functions into the results file (machine, versions and load with it)."""
-    import sys
-
-    sys.path.insert(0, str(ROOT))
-    from benchmarks.common import machine
+    from edgepeft.provenance import machine
 
     try:
         doc = json.loads(RESULTS.read_text())
