@@ -23,6 +23,7 @@ from edgepeft.errors import (AdapterError, BundleError, DataError, EdgePeftError
 from edgepeft.fsutil import sha256_file
 from edgepeft.optim import OptimizerSpec
 from edgepeft.runtime import NumericalError, Session
+from edgepeft.runtime.guard import UpdateGuard
 from edgepeft.specs import LoraSpec
 
 
@@ -75,6 +76,32 @@ BAD_BUNDLES = [
     ("schema-missing", _manifest(lambda m: m.pop("schema_version")), ManifestError, ["schema version None"]),
     ("field-missing", _manifest(lambda m: m.pop("labels")), ManifestError, ["lacks", "labels"]),
     ("field-malformed", _manifest(lambda m: m["trainable"][0].update(shape="four")), ManifestError, ["malformed"]),
+    ("max-length-negative", _manifest(lambda m: m.update(max_length=-5)), ManifestError,
+     ["`max_length`", "[1, 1048576]", "-5", "re-export"]),
+    ("max-length-zero", _manifest(lambda m: m.update(max_length=0)), ManifestError, ["`max_length`", "got 0"]),
+    ("max-length-string", _manifest(lambda m: m.update(max_length="64")), ManifestError, ["`max_length`"]),
+    ("unknown-task", _manifest(lambda m: m.update(task="regression")), ManifestError,
+     ["`task`", '"classification", "causal-lm"', "regression"]),
+    ("unknown-loss", _manifest(lambda m: m.update(loss="mse")), ManifestError, ["`loss`", "mse"]),
+    ("loss-of-another-task", _manifest(lambda m: m.update(loss="causal_lm")), ManifestError,
+     ["`loss`", '"cross_entropy"']),
+    ("memory-card-not-numeric", _manifest(lambda m: m["memory"].update(frozen_bytes="lots")), ManifestError,
+     ["`memory.frozen_bytes`", "finite number", "lots"]),
+    ("memory-card-acts-short", _manifest(lambda m: m["memory"].update(activations_per_example=[1, 2])),
+     ManifestError, ["`memory.activations_per_example`", "list of 3"]),
+    ("labels-duplicate", _manifest(lambda m: m.update(labels=["neg", "neg"])), ManifestError,
+     ["`labels`", "duplicates"]),
+    ("labels-fewer-than-logits", _manifest(lambda m: m.update(labels=["neg"])), ManifestError,
+     ["`labels`", "2 labels"]),
+    ("backend-settings-bad", _manifest(lambda m: m["backends"]["ort-training"].update(settings={"x": -1})),
+     ManifestError, ["`backends.ort-training.settings.x`"]),
+    ("backend-member-unlisted", _manifest(
+        lambda m: m["backends"]["ort-training"]["members"].update(checkpoint="ort/nothing")), ManifestError,
+     ["'ort-training'", "ort/nothing"]),
+    ("trainable-duplicate", _manifest(lambda m: m["trainable"].append(m["trainable"][0])), ManifestError,
+     ["`trainable`", "duplicates"]),
+    ("input-dtype-unknown", _manifest(lambda m: m["inputs"][0].update(dtype="complex128")), ManifestError,
+     ["`inputs[0].dtype`", "complex128"]),
     ("unknown-method", _manifest(lambda m: m["methods"][0].update(method="ia3")), ManifestError, ["ia3"]),
     ("member-altered", _replace_member(names.TOKENIZER, lambda d: d.replace(b"[UNK]", b"[UNX]", 1)), BundleError,
      ["tokenizer.json", "sha256"]),
@@ -387,14 +414,20 @@ def test_a_generous_memory_budget_is_accepted(open_session, bundle_int8, train_e
 # -- non-finite steps ---------------------------------------------------------------------------------
 @pytest.mark.filterwarnings("ignore:overflow encountered:RuntimeWarning",
                             "ignore:invalid value encountered:RuntimeWarning")
-@pytest.mark.parametrize("spec, good_steps", [
-    (OptimizerSpec(name="adamw", lr=1e30), 1),               # step 2: the loss is NaN
-    (OptimizerSpec(name="sgd", lr=1e30, momentum=0.9), 1),   # step 2: the loss is NaN
-    (OptimizerSpec(name="sgd", lr=1e300, momentum=0.9), 0),  # step 1: the update overflows float32
-    (OptimizerSpec(name="adamw", lr=1e300), 0),
-], ids=["adamw-1e30", "sgd-1e30", "sgd-1e300", "adamw-1e300"])
-def test_non_finite_step_raises_and_changes_nothing(open_session, bundle_int8, train_examples, spec, good_steps):
-    s = open_session(bundle_int8.path, optimizer=spec)
+@pytest.mark.parametrize("spec, good_steps, guard", [
+    (OptimizerSpec(name="adamw", lr=1e30), 0, "default"),        # step 1: the update-size guard
+    (OptimizerSpec(name="sgd", lr=1e30, momentum=0.9), 0, "default"),
+    (OptimizerSpec(name="adamw", lr=1e30), 1, None),             # guard off: step 2's loss is NaN
+    (OptimizerSpec(name="sgd", lr=1e30, momentum=0.9), 1, None),
+    (OptimizerSpec(name="sgd", lr=1e300, momentum=0.9), 0, "default"),  # step 1: the update overflows float32
+    (OptimizerSpec(name="adamw", lr=1e300), 0, "default"),
+    (OptimizerSpec(name="adamw", lr=1e-2), 0, UpdateGuard(max_ratio=0.1, floor=0.01)),  # a tight policy trips
+], ids=["adamw-1e30", "sgd-1e30", "adamw-1e30-unguarded", "sgd-1e30-unguarded", "sgd-1e300", "adamw-1e300",
+        "adamw-tight-guard"])
+def test_non_finite_step_raises_and_changes_nothing(open_session, bundle_int8, train_examples, spec, good_steps,
+                                                    guard):
+    kw = {} if guard == "default" else {"update_guard": guard}
+    s = open_session(bundle_int8.path, optimizer=spec, **kw)
     b = s.encoder.batch(train_examples)
     for _ in range(good_steps):
         s.train_step(b)
@@ -424,3 +457,28 @@ def test_non_finite_step_raises_and_changes_nothing(open_session, bundle_int8, t
     with pytest.raises(NumericalError):
         s.train_step(b)
     assert s.steps == good_steps
+
+
+@pytest.mark.parametrize("spec", [OptimizerSpec(name="adamw", lr=1e-2), OptimizerSpec(name="sgd", lr=0.1, momentum=0.9)],
+                         ids=["adamw-1e-2", "sgd-0.1-momentum"])
+def test_the_default_update_guard_lets_normal_training_through(open_session, bundle_int8, train_examples, spec):
+    """The highest learning rates the examples, demo and tests use: 30 steps, none refused."""
+    s = open_session(bundle_int8.path, optimizer=spec)
+    b = s.encoder.batch(train_examples)
+    losses = [s.train_step(b) for _ in range(30)]  # would raise NumericalError if the guard tripped
+    assert s.steps == 30 and all(np.isfinite(losses))
+
+
+def test_update_guard_policy_is_validated():
+    from edgepeft.errors import SpecError
+
+    for bad in (dict(max_ratio=0), dict(floor=-1), dict(max_ratio=float("inf")), dict(max_ratio=True)):
+        with pytest.raises(SpecError, match="UpdateGuard"):
+            UpdateGuard(**bad)
+    g = UpdateGuard()
+    assert (g.max_ratio, g.floor) == (10.0, 0.1)
+    z = np.zeros((4, 4), np.float32)
+    assert g.violations({"b": z}, {"b": z + 0.99}) == []          # RMS 0.99 < 10 * max(0, 0.1)
+    assert g.violations({"b": z}, {"b": z + 1.01}) != []
+    w = np.full((4, 4), 2.0, np.float32)
+    assert g.violations({"w": w}, {"w": w + 19.9}) == [] and g.violations({"w": w}, {"w": w + 20.1}) != []

@@ -1,15 +1,22 @@
-"""Fuzzing bundle opening (hypothesis): mutated bytes, truncations, crafted manifests, crafted
-zip entries and crafted members with matching hashes. Every attempt ends in an EdgePeftError
-with a message, or in a complete verified bundle whose initial adapter loads; never another
+"""Fuzzing bundles (hypothesis): mutated bytes, truncations, crafted manifests, crafted zip
+entries and crafted members with matching hashes (graphs, checkpoint, tokenizer, adapter). Each
+attempt goes as far as the bundle lets it: open_bundle, the initial adapter, then on each ONNX
+backend (ort-training, portable) Session.open, a train step and an infer. Every attempt ends in
+an EdgePeftError with a message, or in a session that trained and inferred; never another
 exception, a hang (pytest-timeout) or a half-unpacked cache.
 
-Examples per test are fixed (derandomized, reproducible); EDGEPEFT_FUZZ_SCALE multiplies them
-(e.g. 10 for a long run)."""
+Byte edits and zip entries fuzz a small synthetic bundle (it has no graphs: what they break is
+refused before any session); manifests and crafted members fuzz a real tiny-encoder bundle with
+both ONNX backends. Examples per test are fixed (derandomized, reproducible);
+EDGEPEFT_FUZZ_SCALE multiplies them (e.g. 10 for a long run). The counts per outcome class go
+to benchmarks/results/guarantees/fuzz.json and, through tests/_figures.py, to CI's log."""
 from __future__ import annotations
 
+import fcntl
 import io
 import json
 import os
+import warnings
 import stat
 import struct
 import tempfile
@@ -26,16 +33,23 @@ from hypothesis.configuration import set_hypothesis_home_dir
 set_hypothesis_home_dir(tempfile.mkdtemp(prefix="edgepeft-hypothesis-"))
 
 import _reliability as rel
+from _figures import ROOT, record
+from conftest import LABELS
 from edgepeft import names
 from edgepeft.adapters import AdapterStore
 from edgepeft.bundle import open_bundle, write_bundle
+from edgepeft.data import Example
 from edgepeft.errors import EdgePeftError
 from edgepeft.fsutil import sha256_bytes, sha256_file
 
-pytestmark = pytest.mark.filterwarnings("ignore:Duplicate name:UserWarning")
+pytestmark = [pytest.mark.filterwarnings("ignore:Duplicate name:UserWarning"),
+              pytest.mark.filterwarnings("ignore::UserWarning"), pytest.mark.filterwarnings("ignore::RuntimeWarning")]
 SCALE = float(os.environ.get("EDGEPEFT_FUZZ_SCALE", "1"))
 SHAPES = {"layer.q.lora_A": (2, 8), "layer.q.lora_B": (8, 2), "head.weight": (2, 8)}
 TALLY: dict[str, dict[str, int]] = {}
+RESULTS = ROOT / "benchmarks" / "results" / "guarantees" / "fuzz.json"
+ONNX_BACKENDS = (names.BACKEND_ORT, names.BACKEND_PORTABLE)
+BATCH = [Example("a wonderful, lovely film", "pos"), Example("dreadful and boring", "neg")]
 
 
 def fuzz_settings(n: int):
@@ -60,6 +74,23 @@ def _build_base() -> bytes:
 
 
 BASE = _build_base()
+_REAL: list[bytes] = []
+
+
+def real_base() -> bytes:
+    """A real bundle, exported once per process: the tiny encoder, LoRA r2 on query/value +
+    classifier, int8 base, both ONNX backends (ort-training and portable)."""
+    if not _REAL:
+        from edgepeft.exporters import export_bundle, load_model
+        from edgepeft.specs import LoraSpec
+
+        with tempfile.TemporaryDirectory() as d:
+            out = Path(d) / "real.edgepeft"
+            export_bundle(load_model("tiny-encoder", labels=LABELS), out=out, quant="int8", backends=ONNX_BACKENDS,
+                          methods=[LoraSpec(rank=2, alpha=4.0, targets=("query", "value"),
+                                            modules_to_save=("classifier",))])
+            _REAL.append(out.read_bytes())
+    return _REAL[0]
 
 
 def _entries(data: bytes) -> list[tuple[zipfile.ZipInfo, bytes]]:
@@ -76,27 +107,21 @@ def _zip(entries: list[tuple[zipfile.ZipInfo | str, bytes]]) -> bytes:
 
 
 def attempt(data: bytes, test: str) -> str:
-    """Open ``data`` as a bundle and load its initial adapter, as Session.open does; check the
-    outcome and return it ("ok" or the error class)."""
-    tally = TALLY.setdefault(test, {"tried": 0, "ok": 0, "refused": 0, "failures": 0})
+    """Open ``data`` as a bundle and load its initial adapter; if it opens, run a session on each
+    ONNX backend it has (open, a train step, an infer). Checks the outcome and returns it: "ok"
+    (every stage ran), or the error classes met, e.g. "BundleError" or
+    "ort-training:BackendError|portable:ok"."""
+    tally = TALLY.setdefault(test, {"tried": 0, "ok": 0, "refused": 0, "failures": 0, "outcomes": {}})
     tally["tried"] += 1
     with tempfile.TemporaryDirectory() as d:
         d = Path(d)
         path, cache = d / "b.edgepeft", d / "cache"
         path.write_bytes(data)
         try:
-            try:
-                b = open_bundle(path, cache)
-                AdapterStore(b.root / "adapters", b.manifest).load("initial")
-            except EdgePeftError as e:
-                assert len(str(e)) > 20, repr(e)
-                tally["refused"] += 1
-                return type(e).__name__
-            # Accepted: every member is there, whole, as the manifest says.
-            for member, digest in b.manifest.members.items():
-                assert sha256_file(b.root / member) == digest
-            tally["ok"] += 1
-            return "ok"
+            outcome = _stages(path, cache, d)
+            tally["ok" if outcome == "ok" else "refused"] += 1
+            tally["outcomes"][outcome] = tally["outcomes"].get(outcome, 0) + 1
+            return outcome
         except BaseException:
             tally["failures"] += 1
             raise
@@ -104,7 +129,49 @@ def attempt(data: bytes, test: str) -> str:
             leftovers = [p.name for p in cache.iterdir() if p.name.startswith(".")] if cache.exists() else []
             assert leftovers == [], leftovers  # nothing half-unpacked left behind
             outside = sorted(p.name for p in d.iterdir())
-            assert set(outside) <= {"b.edgepeft", "cache"}, outside  # nothing escaped the cache
+            assert set(outside) <= {"b.edgepeft", "cache", "store"}, outside  # nothing escaped the cache
+
+
+def _refused(e: EdgePeftError) -> str:
+    assert len(str(e)) > 20, repr(e)
+    return type(e).__name__
+
+
+def _stages(path: Path, cache: Path, d: Path) -> str:
+    try:
+        b = open_bundle(path, cache)
+        AdapterStore(b.root / "adapters", b.manifest).load("initial")
+    except EdgePeftError as e:
+        return _refused(e)
+    # Accepted: every member is there, whole, as the manifest says.
+    for member, digest in b.manifest.members.items():
+        assert sha256_file(b.root / member) == digest
+    backends = [x for x in ONNX_BACKENDS if x in b.manifest.backends]
+    if not backends:  # the synthetic bundle: no graphs to run
+        return "ok"
+    results = [_session(path, cache, d / "store", x) for x in backends]
+    if all(r == "ok" for r in results):
+        return "ok"
+    return "|".join(f"{x}:{r}" for x, r in zip(backends, results))
+
+
+def _session(path: Path, cache: Path, store: Path, backend: str) -> str:
+    """Session.open on ``backend``, a train step and an infer: "ok" or the EdgePeftError's class."""
+    from edgepeft.runtime import Session
+
+    s = None
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            s = Session.open(path, backend=backend, cache_dir=cache, store=store, threads=1)
+            s.train_step(BATCH)
+            s.infer([BATCH[0].text])
+        return "ok"
+    except EdgePeftError as e:
+        return _refused(e)
+    finally:
+        if s is not None:
+            s.close()
 
 
 def test_the_base_bundle_opens():
@@ -135,14 +202,19 @@ def _apply(data: bytes, edit) -> bytes:
     return data[:at] + arg + data[at + len(arg):]
 
 
-@pytest.mark.timeout(300)
 @fuzz_settings(400)
 @given(st.lists(byte_edit, min_size=1, max_size=4))
-def test_fuzz_bytes(edits):
+def _fuzz_bytes(edits):
     data = BASE
     for e in edits:
         data = _apply(data, e)
     attempt(data, "bytes")
+
+
+@pytest.mark.timeout(300)
+def test_fuzz_bytes(request):
+    _fuzz_bytes()
+    finish(request, "bytes", 400)
 
 
 # -- 2. manifests ------------------------------------------------------------------------------------
@@ -175,13 +247,12 @@ def _set(obj, path, value, delete=False):
     return obj
 
 
-BASE_MANIFEST = json.loads(dict((i.filename, d) for i, d in _entries(BASE))[names.MANIFEST])
-MANIFEST_PATHS = list(_paths(BASE_MANIFEST))
-
-
 @st.composite
 def manifests(draw) -> bytes:
-    kind = draw(st.sampled_from(["edit", "edit", "edit", "raw", "deep", "hash"]))
+    """A manifest.json for the real bundle: edited fields (values, deletions), raw bytes, deep
+    nesting, or rewritten member hashes."""
+    BASE_MANIFEST = json.loads(dict((i.filename, d) for i, d in _entries(real_base()))[names.MANIFEST])
+    kind = draw(st.sampled_from(["edit", "edit", "edit", "edit", "raw", "deep", "hash"]))
     if kind == "raw":
         return draw(st.binary(max_size=256) | st.text(max_size=256).map(str.encode))
     if kind == "deep":  # nested far deeper than any manifest
@@ -195,7 +266,9 @@ def manifests(draw) -> bytes:
             m["members"][draw(st.sampled_from(["../x", "/etc/passwd", "a/../../b", "ok/file", "inference.onnx/x"]))] = "0" * 64
         return json.dumps(m).encode()
     for _ in range(draw(st.integers(1, 3))):
-        paths = list(_paths(m))
+        # Leaves the runtime reads, more often than the long lists' (trainable, quantization).
+        paths = [p for p in _paths(m) if not (len(p) > 2 and p[0] in ("quantization", "trainable")) or
+                 draw(st.booleans())]
         path = draw(st.sampled_from(paths))
         if path and draw(st.booleans()) and isinstance(_get(m, path[:-1]), (dict, list)):
             m = _set(m, path, None, delete=True)
@@ -210,12 +283,17 @@ def _get(obj, path):
     return obj
 
 
-@pytest.mark.timeout(300)
 @fuzz_settings(300)
 @given(manifests())
-def test_fuzz_manifest(manifest_bytes):
-    entries = [(i, manifest_bytes if i.filename == names.MANIFEST else d) for i, d in _entries(BASE)]
+def _fuzz_manifest(manifest_bytes):
+    entries = [(i, manifest_bytes if i.filename == names.MANIFEST else d) for i, d in _entries(real_base())]
     attempt(_zip(entries), "manifest")
+
+
+@pytest.mark.timeout(600)
+def test_fuzz_manifest(request):
+    _fuzz_manifest()
+    finish(request, "manifest", 300)
 
 
 # -- 3. crafted zip entries --------------------------------------------------------------------------
@@ -258,28 +336,35 @@ def _patch_central(data: bytes, which: int, field: str, value: int) -> bytes:
     return data[:at + off] + struct.pack(fmt, value) + data[at + off + struct.calcsize(fmt):]
 
 
-@pytest.mark.timeout(300)
 @fuzz_settings(200)
 @given(crafted_entries())
-def test_fuzz_entries(data):
+def _fuzz_entries(data):
     attempt(data, "entries")
 
 
+@pytest.mark.timeout(300)
+def test_fuzz_entries(request):
+    _fuzz_entries()
+    finish(request, "entries", 200)
+
+
 # -- 4. crafted members with matching hashes (what an attacker without the signing key can do) ---------
-ADAPTER_FILES = [f"{names.INITIAL_ADAPTER_DIR}/{n}" for n in (names.ADAPTER_WEIGHTS, names.ADAPTER_META,
-                                                                 names.ADAPTER_CONFIG)]
+CRAFTED = [names.ORT_TRAINING_MODEL, names.ORT_EVAL_MODEL, names.ORT_CHECKPOINT, names.PORTABLE_GRADIENT_MODEL,
+           names.INFERENCE_MODEL, names.TOKENIZER] + [f"{names.INITIAL_ADAPTER_DIR}/{n}" for n in (
+               names.ADAPTER_WEIGHTS, names.ADAPTER_META, names.ADAPTER_CONFIG)]
 
 
-@st.composite
-def crafted_members(draw) -> bytes:
-    entries = _entries(BASE)
-    contents = {i.filename: d for i, d in entries}
-    member = draw(st.sampled_from(ADAPTER_FILES))
-    old = contents[member]
-    kind = draw(st.sampled_from(["bytes", "header", "json", "truncate"]))
+def _craft(draw, member: str, old: bytes, contents: dict[str, bytes]) -> bytes:
+    kind = draw(st.sampled_from(["bytes", "bytes", "span", "truncate", "json", "header", "swap"]))
+    at = draw(st.integers(0, 2**31)) % max(1, len(old))
     if kind == "truncate":
-        new = old[:draw(st.integers(0, len(old)))]
-    elif kind == "header" and member.endswith(".safetensors"):
+        return old[:at]
+    if kind == "span":  # a run of zeros or 0xff: lengths, counts and offsets go to extremes
+        fill = draw(st.sampled_from([b"\x00", b"\xff"])) * draw(st.integers(1, 64))
+        return old[:at] + fill + old[at + len(fill):]
+    if kind == "swap":  # another member's bytes under this name (a valid file of the wrong kind)
+        return contents[draw(st.sampled_from(sorted(m for m in CRAFTED if m != member)))]
+    if kind == "header" and member.endswith(".safetensors"):
         # A safetensors file with a fuzzed JSON header (dtypes, shapes, offsets).
         header = json.loads(old[8:8 + struct.unpack("<Q", old[:8])[0]])
         key = draw(st.sampled_from(sorted(header)))
@@ -289,32 +374,67 @@ def crafted_members(draw) -> bytes:
                                       | st.lists(st.integers(-5, 2**40), max_size=3))
         blob = json.dumps(header).encode()
         body = old[8 + struct.unpack("<Q", old[:8])[0]:]
-        new = struct.pack("<Q", len(blob) if draw(st.booleans()) else draw(st.integers(0, 2**64 - 1))) + blob + body
-    elif kind == "json" and member.endswith(".json"):
+        return struct.pack("<Q", len(blob) if draw(st.booleans()) else draw(st.integers(0, 2**64 - 1))) + blob + body
+    if kind == "json" and member.endswith(".json"):
         doc = json.loads(old)
-        path = draw(st.sampled_from(list(_paths(doc))))
-        new = json.dumps(_set(doc, path, draw(json_values))).encode()
-    else:
-        at = draw(st.integers(0, len(old) - 1))
-        new = old[:at] + draw(st.binary(min_size=1, max_size=16)) + old[at + 1:]
+        path = draw(st.sampled_from(list(_paths(doc))[:400]))
+        return json.dumps(_set(doc, path, draw(json_values))).encode()
+    return old[:at] + draw(st.binary(min_size=1, max_size=16)) + old[at + 1:]
+
+
+@st.composite
+def crafted_members(draw) -> bytes:
+    """The real bundle with one or two members rewritten and their sha256 updated in the manifest."""
+    entries = _entries(real_base())
+    contents = {i.filename: d for i, d in entries}
     manifest = json.loads(contents[names.MANIFEST])
-    manifest["members"][member] = sha256_bytes(new)
-    contents[member], contents[names.MANIFEST] = new, json.dumps(manifest).encode()
+    for member in draw(st.lists(st.sampled_from(CRAFTED), min_size=1, max_size=2, unique=True)):
+        new = _craft(draw, member, contents[member], contents)
+        manifest["members"][member] = sha256_bytes(new)
+        contents[member] = new
+    contents[names.MANIFEST] = json.dumps(manifest).encode()
     return _zip([(i, contents[i.filename]) for i, _ in entries])
 
 
-@pytest.mark.timeout(300)
 @fuzz_settings(200)
 @given(crafted_members())
-def test_fuzz_crafted_members(data):
+def _fuzz_crafted_members(data):
     attempt(data, "crafted-members")
 
 
-def test_fuzz_figures():
-    """Runs last in this module: report what was tried (the figures the README quotes)."""
-    done = {k: v for k, v in TALLY.items() if k != "base"}
-    if len(done) < 4:
-        pytest.skip("run the whole module to get the figures")
-    total = {f: sum(v[f] for v in done.values()) for f in ("tried", "ok", "refused", "failures")}
-    print(f"\nfuzz figures: {json.dumps(done)} total {json.dumps(total)}")
-    assert total["failures"] == 0 and total["tried"] >= int(1100 * SCALE)
+@pytest.mark.timeout(600)
+def test_fuzz_crafted_members(request):
+    _fuzz_crafted_members()
+    finish(request, "crafted-members", 200)
+
+
+def finish(request, name: str, asked: int) -> None:
+    """After a campaign: its counts (per outcome class) into benchmarks/results/guarantees/fuzz.json
+    and, through tests/_figures.py, CI's log; it must have run (nearly) every example asked for."""
+    tally = TALLY[name]
+    _save({name: tally})
+    record(request, f"fuzz-{name}", tally)
+    assert tally["failures"] == 0, tally
+    assert tally["tried"] >= int(0.9 * asked * SCALE), tally
+
+
+def _save(done: dict) -> None:
+    """Merge these campaigns' counts into the results file (a lock: xdist workers write it too)."""
+    import sys
+
+    sys.path.insert(0, str(ROOT))
+    from benchmarks.common import machine
+
+    RESULTS.parent.mkdir(parents=True, exist_ok=True)
+    with open(RESULTS.with_suffix(".lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            doc = json.loads(RESULTS.read_text())
+        except (OSError, ValueError):
+            doc = {}
+        doc.update(command="make test (tests/test_fuzz_bundle.py)", scale=SCALE, derandomized=SCALE == 1,
+                   backends=list(ONNX_BACKENDS), machine=machine())
+        doc.setdefault("campaigns", {}).update(done)
+        c = doc["campaigns"].values()
+        doc["total"] = {f: sum(v[f] for v in c) for f in ("tried", "ok", "refused", "failures")}
+        RESULTS.write_text(json.dumps(doc, indent=1, sort_keys=True) + "\n")
