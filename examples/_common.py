@@ -6,12 +6,18 @@ import argparse
 import gc
 import json
 import shutil
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
 from edgepeft.memory import fmt_bytes, rss_bytes
+from edgepeft.provenance import machine, write_results
+
+RESULTS = Path(__file__).resolve().parent.parent / "benchmarks" / "results" / "examples"
+_RESULTS: dict[Path, tuple[Path | None, str]] = {}
+_START = machine()  # the machine and load when the example started
 
 
 @dataclass(frozen=True)
@@ -35,7 +41,15 @@ def parse_args(name: str, doc: str, argv: Sequence[str] | None, *, budget: str =
     ap.add_argument("--threads", type=int, default=2, help="ONNX Runtime threads")
     ap.add_argument("--budget", default=budget, help="the session's memory budget")
     ap.add_argument("--backend", default=backend, choices=("ort-training", "portable", "lean"))
-    return ap.parse_args(argv)
+    ap.add_argument("--results", type=Path, default=None,
+                    help=f"the figures as JSON, with machine, versions and load (default for a full run: "
+                         f"{RESULTS}/{name}.json; a smoke run writes none)")
+    args = ap.parse_args(argv)
+    if args.results is None and not args.smoke:
+        args.results = RESULTS / f"{name}.json"
+    # report() gets the output folder only: remember where this run's figures go (keyed by it).
+    _RESULTS[args.out.resolve()] = (args.results, f"python -m examples.{name} " + " ".join(argv or sys.argv[1:]))
+    return args
 
 
 def fresh_dir(out: Path) -> Path:
@@ -109,7 +123,30 @@ def report(name: str, rows: list[tuple[str, str, str]], result: dict, out: Path,
     result["seconds"] = round(time.perf_counter() - t0, 1)
     say(f"total {result['seconds']:.0f} s; memory now {fmt_bytes(rss())}")
     (out / "result.json").write_text(json.dumps(result, indent=2, default=str))
+    results, command = _RESULTS.get(Path(out).resolve(), (None, ""))
+    if results:
+        figures = {"example": name, "printed": [list(r) for r in rows], **result, **_display_units(result)}
+        say(f"figures written to {write_results(results, figures, command=command.strip(), start=_START)}")
     return result
+
+
+def _display_units(result: dict) -> dict:
+    """The figures as the README prints them, computed here rather than by the reader: memory
+    in MiB (keys naming rss or peak, in bytes) and durations in ms (keys ending in _s)."""
+    def mib(v):
+        if isinstance(v, dict):
+            return {k: mib(x) for k, x in v.items()}
+        if isinstance(v, list):
+            return [mib(x) for x in v]
+        return round(v / 2**20, 1) if isinstance(v, (int, float)) else v
+
+    out = {}
+    for k, v in result.items():
+        if ("rss" in k or "peak" in k) and not isinstance(v, (str, bool)):
+            out[f"{k}_mib"] = mib(v)
+        elif k.endswith("_s") and isinstance(v, list) and v:
+            out[f"{k[:-2]}_mean_ms"] = round(1e3 * sum(v) / len(v), 1)
+    return out
 
 
 def timed(fn: Callable[[], Any]) -> tuple[Any, float]:
