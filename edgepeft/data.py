@@ -46,6 +46,8 @@ class Batch:
 def read_jsonl(path: str | Path, text_field: str = "text", label_field: str | None = "label") -> list[Example]:
     """Examples from a JSONL file; ``label_field=None`` for next-token data (text only)."""
     path = Path(path)
+    if path.is_dir():
+        raise DataError(f"data file {str(path)!r} is a folder; give a JSONL file")
     if not path.is_file():
         raise DataError(f"data file {str(path)!r} does not exist")
     out: list[Example] = []

@@ -240,3 +240,7 @@ def describe() -> str:
             f"`{k}`{'' if f.required else ' (optional)'}: {f.type.doc}" + (f" ({f.doc})" if f.doc else "")
             for k, f in obj.fields.items()))
     return "\n".join(rows)
+
+
+if __name__ == "__main__":  # `python -m edgepeft.manifest_schema`: the table docs/bundle-format.md shows
+    print(describe())

@@ -426,15 +426,18 @@ def _save(done: dict) -> None:
     from benchmarks.common import machine
 
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    with open(RESULTS.with_suffix(".lock"), "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
+    with open(RESULTS, "a+") as f:  # the file itself is the lock
+        fcntl.flock(f, fcntl.LOCK_EX)
+        f.seek(0)
         try:
-            doc = json.loads(RESULTS.read_text())
-        except (OSError, ValueError):
+            doc = json.loads(f.read())
+        except ValueError:
             doc = {}
         doc.update(command="make test (tests/test_fuzz_bundle.py)", scale=SCALE, derandomized=SCALE == 1,
                    backends=list(ONNX_BACKENDS), machine=machine())
         doc.setdefault("campaigns", {}).update(done)
         c = doc["campaigns"].values()
-        doc["total"] = {f: sum(v[f] for v in c) for f in ("tried", "ok", "refused", "failures")}
-        RESULTS.write_text(json.dumps(doc, indent=1, sort_keys=True) + "\n")
+        doc["total"] = {k: sum(v[k] for v in c) for k in ("tried", "ok", "refused", "failures")}
+        f.seek(0)
+        f.truncate()
+        f.write(json.dumps(doc, indent=1, sort_keys=True) + "\n")
