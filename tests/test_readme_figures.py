@@ -65,8 +65,11 @@ def tables(text: str) -> list[dict]:
             while j < len(lines) and lines[j].startswith("|"):
                 j += 1
             m = MARKER.match(lines[i - 1]) if i else None
+            prose = "\n".join(lines[prose_start:i - 1 if m else i])
+            if not prose.strip() and found and found[-1]["line"] + len(found[-1]["rows"]) >= prose_start - 1:
+                prose = found[-1]["prose"]  # two tables in a row share the prose above the first
             found.append({"line": i + 1, "rows": lines[i:j], "paths": m.group("paths").split() if m else None,
-                          "prose": "\n".join(lines[prose_start:i])})
+                          "prose": prose})
             prose_start, i = j, j
             continue
         i += 1
