@@ -14,6 +14,8 @@ from __future__ import annotations
 
 from typing import Callable
 
+import numpy as np
+
 from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 from flwr.clientapp.mod import fixedclipping_mod
@@ -58,10 +60,12 @@ def handle_train(msg: Message, context: Context, resolve: Resolver) -> Message:
     dev = device_for(settings)
     fleet, cfg = _accepted(dev, msg)
     new, n, losses = dev.train(user, fleet, steps=int(cfg["local-steps"]), seed=f"{cfg['server-round']}:{user}")
-    metrics = MetricRecord({"num-examples": n, "unit-weight": 1, "train-loss-first": losses[0],
+    norm = float(np.sqrt(sum(float(np.sum((new[k] - fleet[k]) ** 2)) for k in new)))
+    metrics = MetricRecord({"num-examples": n, "unit-weight": 1, "update-norm": norm, "train-loss-first": losses[0],
                             "train-loss-last": losses[-1],
                             "train-peak-bytes": int(dev.session.budget.peaks.get("train_step", 0))})
-    content = RecordDict({"arrays": to_record(new), "metrics": metrics,
+    # In the manifest's order, as received: Flower's clipping mod compares the key lists.
+    content = RecordDict({"arrays": to_record({k: new[k] for k in dev.manifest.trainable_names}), "metrics": metrics,
                           "fleet": ConfigRecord({"bundle-sha256": dev.bundle_sha})})
     return Message(content, reply_to=msg)
 

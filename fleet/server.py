@@ -94,7 +94,8 @@ def inner_strategy(settings: FleetSettings):
 def run_fleet(grid: Grid, settings: FleetSettings) -> dict[str, Any]:
     """Run the fleet on ``grid`` and write ``<out>/fleet.json``; returns what it wrote."""
     opened = open_bundle(Path(settings.bundle), Path(settings.cache_dir) if settings.cache_dir else None)
-    initial = AdapterStore(opened.root / "adapters", opened.manifest).load("initial")[0]
+    loaded = AdapterStore(opened.root / "adapters", opened.manifest).load("initial")[0]
+    initial = {n: loaded[n] for n in opened.manifest.trainable_names}  # the manifest's order, everywhere
     out = Path(settings.out)
     out.mkdir(parents=True, exist_ok=True)
     key = load_private_key(settings.key) if settings.key else None

@@ -92,7 +92,7 @@ class FleetStrategy(Strategy):
     def aggregate_train(self, server_round: int, replies: Iterable[Message]) -> tuple[ArrayRecord | None,
                                                                                        MetricRecord | None]:
         row, good, updates, weights = self._row(server_round), [], [], []
-        row.update(failures=0, refused=[], bytes_up_per_device=[])
+        row.update(failures=0, refused=[], bytes_up_per_device=[], train_per_device=[])
         for msg in replies:
             if msg.has_error():
                 row["failures"] += 1
@@ -104,6 +104,7 @@ class FleetStrategy(Strategy):
                 row["refused"].append(str(e))
                 continue
             m = next(iter(msg.content.metric_records.values()))
+            row["train_per_device"].append(dict(m))
             updates.append(tensors)
             weights.append(float(m["num-examples"]))
             good.append(self._clean(msg, tensors))
