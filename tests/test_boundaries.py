@@ -2,7 +2,8 @@
 ``edgepeft/cli/``) is the contract both sides share and imports neither side nor torch/onnx;
 ``runtime/`` never imports torch, onnx or the exporters (``runtime/backends/executorch.py`` may
 import torch and executorch, never onnx or the exporters); ``exporters/`` never imports the
-runtime or the CLI. Only ``edgepeft/cli/`` imports both sides.
+runtime or the CLI; ``fleet/`` (edgepeft.fleet: the core, the runtime and flwr) never imports
+torch, onnx, the exporters or the CLI. Only ``edgepeft/cli/`` imports both sides.
 
 Every import counts: module level, inside functions, relative, ``from edgepeft import runtime``,
 and ``importlib.import_module("...")`` / ``__import__("...")`` with a literal name."""
@@ -17,7 +18,8 @@ import edgepeft
 
 ROOT = Path(edgepeft.__file__).resolve().parent.parent
 # Source folder -> the package it is imported as (pyproject's [tool.setuptools.package-dir]).
-PACKAGES = {"edgepeft": "edgepeft", "runtime": "edgepeft.runtime", "exporters": "edgepeft.exporters"}
+PACKAGES = {"edgepeft": "edgepeft", "runtime": "edgepeft.runtime", "exporters": "edgepeft.exporters",
+            "fleet": "edgepeft.fleet"}
 
 HOST_LIBS = ("torch", "torchao", "onnx", "onnxscript", "onnxruntime", "executorch")
 CORE_FORBIDDEN = ("edgepeft.runtime", "edgepeft.exporters", "edgepeft.cli") + HOST_LIBS
@@ -26,6 +28,8 @@ RUNTIME_FORBIDDEN = ("torch", "torchao", "onnx", "onnxscript", "executorch", "ed
 EXECUTORCH_BACKEND = ROOT / "runtime" / "backends" / "executorch.py"
 EXECUTORCH_FORBIDDEN = ("onnx", "onnxscript", "edgepeft.exporters", "edgepeft.cli")
 EXPORTERS_FORBIDDEN = ("edgepeft.runtime", "edgepeft.cli")
+# Fleet learning runs on devices: the runtime's rule, plus no CLI (flwr is allowed).
+FLEET_FORBIDDEN = ("torch", "torchao", "onnx", "onnxscript", "executorch", "edgepeft.exporters", "edgepeft.cli")
 
 
 def module_name(path: Path) -> str:
@@ -91,6 +95,7 @@ CORE = [p for p in py_files("edgepeft") if "cli" not in p.relative_to(ROOT / "ed
 CLI = py_files("edgepeft/cli")
 RUNTIME = [p for p in py_files("runtime") if p != EXECUTORCH_BACKEND]
 EXPORTERS = py_files("exporters")
+FLEET = py_files("fleet")
 
 
 # -- the scanner itself: it must see what the rules are about --------------------------------------
@@ -160,6 +165,14 @@ def test_executorch_backend_imports_no_onnx_or_exporters():
 
 def test_exporters_import_no_runtime_or_cli():
     assert violations(EXPORTERS, EXPORTERS_FORBIDDEN) == {}
+
+
+def test_fleet_imports_no_torch_onnx_exporters_or_cli():
+    assert len(FLEET) >= 5, "the scan must see fleet/"
+    assert violations(FLEET, FLEET_FORBIDDEN) == {}
+    # It may use the core, the runtime and flwr: the scanner sees them there.
+    found = set().union(*(imports(p.read_text(), module_name(p), p.name == "__init__.py") for p in FLEET))
+    assert hits(found, ("edgepeft.runtime",)) and hits(found, ("flwr",))
 
 
 def test_cli_modules_shadow_no_standard_library_module():
