@@ -8,7 +8,7 @@ from __future__ import annotations
 import click
 
 import edgepeft
-from edgepeft.cli import adapters, demo, export, inspect_cmd, keygen, profile_cmd, train
+from edgepeft.cli import adapters, demo, export, fleet, inspect_cmd, keygen, profile_cmd, train
 from edgepeft.errors import EdgePeftError
 
 
@@ -31,5 +31,5 @@ def main() -> None:
 
 
 for _command in (export.export, inspect_cmd.inspect_bundle, train.train, keygen.keygen, adapters.adapters,
-                 demo.demo, profile_cmd.devices, profile_cmd.profile):
+                 demo.demo, profile_cmd.devices, profile_cmd.profile, fleet.fleet):
     main.add_command(_command)
