@@ -1,13 +1,17 @@
-"""The ExecuTorch programs of a bundle: a training program (torch's joint forward-backward
-graph: loss as output 0, gradients of the adapter tensors only) and an inference program
-lowered to XNNPACK, both over the int8 frozen base.
+"""The ExecuTorch programs of a bundle, both over the int8 frozen base and lowered to XNNPACK:
+a training program ``forward(*model inputs, labels, *adapter tensors) -> (loss, *gradients)``
+and an inference program ``forward(*model inputs, *adapter tensors) -> logits``. The adapter is
+an input of both, so the device runs them with ExecuTorch's plain method execution (the native
+runner in edgepeft.runtime.native, no torch) and the session's optimizer updates the adapter.
 
 How: the injected model is wrapped so that its frozen weights are int8 + per-row scale buffers
 dequantized in forward (the hand-written route: no torchao tensor subclasses, no operator
 workarounds), the loss is the masked cross-entropy the portable graph also uses, and
-``torch.export`` -> ``joint_graph.joint_forward_backward`` -> ``to_edge`` -> ``to_executorch``
-builds the program. The batch size is fixed at export (ExecuTorch plans memory for it); the runtime
-pads a smaller batch with ignored labels and splits a larger one."""
+``torch.export`` -> ``joint_graph.joint_forward_backward`` -> the portable graph's wrapper that
+takes the adapter as inputs -> ``torch.export`` -> ``to_edge_transform_and_lower`` (XNNPACK, run-time
+weights included) -> ``to_executorch`` builds the program. The batch size is fixed at export
+(ExecuTorch plans memory for it); the runtime pads a smaller batch with ignored labels and
+splits a larger one."""
 from __future__ import annotations
 
 import contextlib
@@ -21,6 +25,7 @@ import torch.nn as nn
 
 from edgepeft import names
 from edgepeft.errors import ExportError
+from edgepeft.exporters.gradient_graph import _GradientModule
 from edgepeft.exporters.joint_graph import SEP, WithLoss, canonical_names, joint_forward_backward
 from edgepeft.exporters.quantize import QuantizedTensor
 from edgepeft.exporters.stages import InjectedModel
@@ -154,11 +159,11 @@ def build(injected: InjectedModel, *, batch_size: int) -> Programs:
                       for k in injected.example_inputs)
     label_shape = {1: seq} if injected.plan.causal and any(in_shapes) else None
     loss_model = _loss_model(injected)
-    training = _training_program(injected, loss_model, (*inputs, y), (*in_shapes, label_shape))
-    inf = _Inference(_Int8Base(copy.deepcopy(injected.model), injected.quantized, drop=injected.trainable_names),
-                     injected.trainable_names, len(inputs)).eval()
     params = dict(loss_model.named_parameters())
     adapter = tuple(params[names.EXECUTORCH_PARAM_PREFIX + n].detach().clone() for n in injected.trainable_names)
+    training = _training_program(injected, loss_model, (*inputs, y), (*in_shapes, label_shape), adapter)
+    inf = _Inference(_Int8Base(copy.deepcopy(injected.model), injected.quantized, drop=injected.trainable_names),
+                     injected.trainable_names, len(inputs)).eval()
     inference = _inference_program(injected, inf, (*inputs, *adapter), (*in_shapes, *[None] * len(adapter)))
     _check(training, inference, loss_model, inf, inputs, y, injected.trainable_names, adapter, injected.plan.what)
     return Programs(training, inference, batch_size)
@@ -166,7 +171,7 @@ def build(injected: InjectedModel, *, batch_size: int) -> Programs:
 
 def _loss_model(injected: InjectedModel) -> WithLoss:
     """The int8-base model with its loss, where only the adapter tensors require grad (and so
-    become the training program's parameters)."""
+    get gradients in the joint graph)."""
     loss_model = WithLoss(_Int8Base(copy.deepcopy(injected.model), injected.quantized), injected.plan.causal)
     params = dict(loss_model.named_parameters())
     for p in params.values():
@@ -176,30 +181,51 @@ def _loss_model(injected: InjectedModel) -> WithLoss:
     return loss_model
 
 
-def _training_program(injected: InjectedModel, loss_model: WithLoss, args: tuple, shapes: tuple) -> bytes:
-    from executorch.exir import to_edge
+def _partitioner():
+    """XNNPACK, taking fp32 matmuls whose weights are run-time tensors too (adapter tensors,
+    dequantized int8 weights, the backward's activations): on ExecuTorch's own mm kernel those
+    made MiniLM's step 5x ONNX Runtime's."""
+    from executorch.backends.xnnpack.partition.xnnpack_partitioner import XnnpackPartitioner
+
+    return XnnpackPartitioner(force_non_static_weights_for_f32_linear=True)
+
+
+def _training_program(injected: InjectedModel, loss_model: WithLoss, args: tuple, shapes: tuple,
+                      adapter: tuple) -> bytes:
+    """forward(*model inputs, labels, *adapter tensors in manifest order) -> (loss, *gradients):
+    the adapter is an input, so any ExecuTorch runtime's plain method execution trains (no
+    training module, no torch on the device) and the session's optimizer owns the update."""
+    from executorch.exir import to_edge_transform_and_lower
 
     with _stage(injected.plan.what, "training program"):
         joint = joint_forward_backward(_export(loss_model, args, shapes))
         _slice_negative_pads(joint.graph_module)
-        _split_addmm(joint.graph_module)
-        return to_edge(joint).to_executorch().buffer
+        prefix = names.EXECUTORCH_PARAM_PREFIX[len("m."):]  # _GradientModule drops WithLoss's "m."
+        step = _GradientModule(joint, list(injected.trainable_names),
+                               {prefix + n: n for n in injected.trainable_names})
+        ep = _export(step, (*args, *adapter), (*shapes, *[None] * len(adapter)))
+        lowered = to_edge_transform_and_lower(ep, partitioner=[_partitioner()])
+        _split_leftover_addmm(lowered)
+        return lowered.to_executorch().buffer
 
 
 def _inference_program(injected: InjectedModel, inf: nn.Module, args: tuple, shapes: tuple) -> bytes:
-    from executorch.backends.xnnpack.partition.xnnpack_partitioner import XnnpackPartitioner
     from executorch.exir import to_edge_transform_and_lower
-    from executorch.exir.dialects._ops import ops as exir_ops
 
     with _stage(injected.plan.what, "inference program"):
-        lowered = to_edge_transform_and_lower(_export(inf, args, shapes), partitioner=[XnnpackPartitioner()])
-        # XNNPACK takes linears whose weights are constants; those fed adapter tensors or
-        # dequantized int8 weights stay on ExecuTorch's kernels as addmm, a plain loop (MiniLM,
-        # 8 x 128 tokens: 47 s per batch): split those after lowering. (Splitting before
-        # lowering hands XNNPACK mm's with run-time weights, whose programs crashed.)
-        edge = exir_ops.edge.aten
-        _split_addmm(lowered.exported_program().graph_module, (edge.addmm.default, edge.mm.default, edge.add.Tensor))
+        lowered = to_edge_transform_and_lower(_export(inf, args, shapes), partitioner=[_partitioner()])
+        _split_leftover_addmm(lowered)
         return lowered.to_executorch().buffer
+
+
+def _split_leftover_addmm(lowered) -> None:
+    """An addmm XNNPACK did not take stays on ExecuTorch's addmm kernel, a plain loop (MiniLM's
+    inference: 47 s per 8 x 128 batch): split it into the faster mm + add after lowering
+    (splitting before lowering would hide the linear from the partitioner)."""
+    from executorch.exir.dialects._ops import ops as exir_ops
+
+    edge = exir_ops.edge.aten
+    _split_addmm(lowered.exported_program().graph_module, (edge.addmm.default, edge.mm.default, edge.add.Tensor))
 
 
 def _export(module: nn.Module, args: tuple, shapes: tuple):
@@ -233,7 +259,6 @@ def _check(training: bytes, inference: bytes, loss_model: nn.Module, inf: nn.Mod
     """Run both programs once on the example batch: an op ExecuTorch's kernels refuse only
     shows at run time, and a wrong result must not reach a device."""
     from executorch.extension.pybindings.portable_lib import _load_for_executorch_from_buffer
-    from executorch.extension.training import _load_for_executorch_for_training_from_buffer
 
     loss_model.zero_grad()
     expected = loss_model(*inputs, y)
@@ -242,13 +267,11 @@ def _check(training: bytes, inference: bytes, loss_model: nn.Module, inf: nn.Mod
     with torch.no_grad():
         logits = inf(*inputs, *adapter)
     with _stage(what, "training program (running it)"):
-        program = _load_for_executorch_for_training_from_buffer(training)
-        loss = program.forward_backward("forward", (*inputs, y))[0]
-        grads = program.named_gradients()
+        loss, *grads = _load_for_executorch_from_buffer(training).forward((*inputs, y, *adapter))
     with _stage(what, "inference program (running it)"):
         got = _load_for_executorch_from_buffer(inference).forward((*inputs, *adapter))[0]
-    worst = max((grads[names.EXECUTORCH_PARAM_PREFIX + n] - params[names.EXECUTORCH_PARAM_PREFIX + n].grad)
-                .abs().max().item() for n in trainable)
+    worst = max((g - params[names.EXECUTORCH_PARAM_PREFIX + n].grad).abs().max().item()
+                for n, g in zip(trainable, grads))
     tol = 1e-4 * (1 + abs(expected.item()))
     if abs(loss.item() - expected.item()) > tol or worst > 1e-3 or (got - logits).abs().max().item() > 1e-3:
         raise ExportError(f"ExecuTorch's programs for {what} do not reproduce eager PyTorch (loss {loss.item():.6g} vs "

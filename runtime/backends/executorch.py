@@ -1,21 +1,19 @@
-"""Backend on ExecuTorch's training runtime (executorch 1.5.1): the bundle's training program
-gives loss and gradients, its XNNPACK inference program gives logits, and the session's numpy
-optimizer steps.
+"""Backend on ExecuTorch's C++ runtime (executorch 1.5.1) without torch: the bundle's training
+program takes the model inputs, the labels and the adapter tensors and returns the loss and
+one gradient per adapter tensor; its inference program takes the model inputs and the adapter
+tensors and returns logits. Both run through the small native runner in
+``edgepeft.runtime.native`` (built from the executorch wheel's headers and libraries, driven by
+ctypes), their linears on XNNPACK; the session's numpy optimizer steps, as on the portable
+backend, and the adapter lives in numpy buffers fed at every run, so a swap replaces those
+buffers and never touches the frozen base.
 
-ExecuTorch's Python runtime links libtorch, so this module imports torch and executorch lazily,
-only when the backend is built: ``edgepeft.runtime`` without it stays torch-free (on a phone
-the C++ runtime runs the same programs without torch).
-
-The training program is built for a fixed batch. A smaller batch is padded with copies of its
-first row labelled IGNORE_INDEX (the program's loss averages over labelled positions only, so
+The programs are built for a fixed batch. A smaller batch is padded with copies of its first
+row labelled IGNORE_INDEX (the program's loss averages over labelled positions only, so
 padding changes neither loss nor gradients); a larger one is split into chunks whose losses
 and gradients are averaged weighted by their labelled positions, which is the full batch's
-mean (``edgepeft.runtime.batching``). The adapter lives in the program's own parameter
-memory: ``named_parameters()`` of the training module aliases it, so a swap is an in-place
-copy and the frozen base is never reloaded."""
+mean (``edgepeft.runtime.batching``)."""
 from __future__ import annotations
 
-import warnings
 from typing import Iterator, Mapping
 
 import numpy as np
@@ -27,19 +25,7 @@ from edgepeft.errors import BackendError
 from edgepeft.runtime.backends.base import backend_entry, check_inputs
 from edgepeft.runtime.batching import accumulate
 from edgepeft.runtime.losses import cross_entropy
-
-
-
-def _runtime():
-    """(torch, ExecuTorch's training loader, ExecuTorch's program loader), imported on first use."""
-    try:
-        import torch
-        from executorch.extension.pybindings import portable_lib
-        from executorch.extension.training import _load_for_executorch_for_training
-    except ImportError as e:
-        raise BackendError(f"the executorch backend needs executorch==1.5.1 and torch ({e.name} is missing): "
-                           "pip install 'edgepeft[executorch]'") from None
-    return torch, _load_for_executorch_for_training, portable_lib
+from edgepeft.runtime.native import Program, set_threads
 
 
 class ExecutorchBackend:
@@ -53,43 +39,21 @@ class ExecutorchBackend:
             training, inference = entry.members["training_program"], entry.members["inference_program"]
         except (KeyError, ValueError) as e:
             raise BackendError(f"the bundle's executorch entry is malformed ({e!r}); re-export the bundle") from None
-        torch, load_training, lib = _runtime()
-        self._torch, self._lib = torch, lib
         if threads:
-            # ExecuTorch's kernels share one process-wide thread pool.
-            lib._unsafe_reset_threadpool(threads)
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # "This API is experimental", on every load
-            self._train = load_training(str(bundle.path(training)))
-        self._inference_path = str(bundle.path(inference))
-        self._infer_module = None  # loaded on first evaluate/infer: training alone never pays for it
+            set_threads(threads)
         self._inputs = [i.name for i in m.inputs]
-        self._trainable = m.trainable_names
-        # The runtime hands out its parameter tensors only after a first run: one step on a
-        # placeholder batch (one token per row, every position ignored) exposes them.
-        self._train.forward_backward("forward", self._placeholder(m))
-        # Aliases of the program's parameter memory, by manifest name.
-        live = self._train.named_parameters()
-        prefix = names.EXECUTORCH_PARAM_PREFIX
-        self._params = {k[len(prefix):]: v for k, v in live.items() if k.startswith(prefix)}
-        if sorted(self._params) != sorted(self._trainable) or len(live) != len(self._params):
-            raise BackendError("the ExecuTorch training program's parameters do not match the manifest's trainable "
-                               f"tensors ({sorted(live)[:3]}... vs {list(self._trainable)[:3]}...); re-export the bundle")
-        self._grad_names = {n: prefix + n for n in self._trainable}
-
-    def _placeholder(self, m) -> tuple:
-        """Model inputs and labels of the program's batch size: symbolic dimensions 1, token ids
-        and masks 1, floats 0, labels IGNORE_INDEX."""
-        dtypes = {"int64": np.int64, "int32": np.int32, "float32": np.float32}
-        b = self.batch_size
-        tensors = []
-        for i in m.inputs:
-            shape = tuple(b if d == "batch" else 1 if isinstance(d, str) else int(d) for d in i.shape)
-            dt = dtypes.get(i.dtype, np.float32)
-            tensors.append(self._torch.from_numpy(np.full(shape, 1 if dt != np.float32 else 0, dtype=dt)))
-        label_shape = (b,) if m.task != "causal-lm" else (b, tensors[0].shape[1])
-        labels = self._torch.from_numpy(np.full(label_shape, names.IGNORE_INDEX, dtype=np.int64))
-        return (*tensors, labels)
+        self._trainable = list(m.trainable_names)
+        self._train = Program(str(bundle.path(training)), what=f"the training program {training}")
+        expected = len(self._inputs) + 1 + len(self._trainable)
+        if self._train.num_inputs != expected:
+            # Bundles exported before edgepeft ran ExecuTorch without torch kept the adapter inside
+            # the program, for ExecuTorch's torch-linked training module.
+            raise BackendError(f"{training} takes {self._train.num_inputs} inputs, not the {expected} "
+                               "(model inputs, labels, adapter tensors) this runtime feeds: it was exported by an "
+                               "older edgepeft for ExecuTorch's Python training module; re-export the bundle")
+        self._inference_path, self._inference_member = str(bundle.path(inference)), inference
+        self._infer_program: Program | None = None  # loaded on first evaluate/infer
+        self._params: dict[str, np.ndarray] = {}
 
     # -- batches ---------------------------------------------------------------------------
     def _chunks(self, feeds: Mapping[str, np.ndarray], labels: np.ndarray | None) -> Iterator[tuple[int, Batch]]:
@@ -107,14 +71,15 @@ class ExecutorchBackend:
                 lab[:real] = labels[start:start + real]
             yield real, Batch(parts, lab)
 
-    def _tensors(self, chunk: Batch) -> list:
-        return [self._torch.from_numpy(chunk.feeds[n]) for n in self._inputs]
+    def _adapter(self) -> list[np.ndarray]:
+        if not self._params:
+            raise BackendError("no adapter loaded")
+        return [self._params[n] for n in self._trainable]
 
     def _run(self, chunk: Batch) -> tuple[float, dict[str, np.ndarray]]:
-        """Loss and gradients (copied out of the runtime's buffers) of one full-size chunk."""
-        out = self._train.forward_backward("forward", (*self._tensors(chunk), self._torch.from_numpy(chunk.labels)))
-        g = self._train.named_gradients()
-        return float(out[0]), {n: g[self._grad_names[n]].numpy().copy() for n in self._trainable}
+        """Loss and gradients of one full-size chunk."""
+        loss, *grads = self._train.run([*(chunk.feeds[n] for n in self._inputs), chunk.labels, *self._adapter()])
+        return float(loss), dict(zip(self._trainable, grads))
 
     # -- Backend Protocol ------------------------------------------------------------------
     def forward_backward(self, batch: Batch) -> tuple[float, dict[str, np.ndarray]]:
@@ -126,25 +91,24 @@ class ExecutorchBackend:
         return cross_entropy(logits, batch.labels), logits
 
     def infer(self, feeds: Mapping[str, np.ndarray]) -> np.ndarray:
-        if self._infer_module is None:
-            self._infer_module = self._lib._load_for_executorch(self._inference_path)
-        adapter = [self._params[n] for n in self._trainable]
-        outs = []
-        for real, chunk in self._chunks(feeds, None):
-            logits = self._infer_module.forward((*self._tensors(chunk), *adapter))[0]
-            outs.append(logits.numpy()[:real].copy())
+        if self._infer_program is None:
+            self._infer_program = Program(self._inference_path, what=f"the inference program {self._inference_member}")
+        adapter = self._adapter()
+        outs = [self._infer_program.run([*(chunk.feeds[n] for n in self._inputs), *adapter])[0][:real]
+                for real, chunk in self._chunks(feeds, None)]
         return np.concatenate(outs)
 
     def named_parameters(self) -> dict[str, np.ndarray]:
-        return {n: self._params[n].detach().numpy().copy() for n in self._trainable}
+        return {n: v.copy() for n, v in self._params.items()}
 
     def load_parameters(self, tensors: Mapping[str, np.ndarray]) -> None:
-        # copy_ writes into the program's own memory: the next step sees the new adapter.
-        for n in self._trainable:
-            self._params[n].copy_(self._torch.from_numpy(np.ascontiguousarray(tensors[n], dtype=np.float32)))
+        self._params = {n: np.ascontiguousarray(tensors[n], dtype=np.float32) for n in self._trainable}
 
     def close(self) -> None:
-        self._train = self._infer_module = None
+        for program in (self._train, self._infer_program):
+            if program is not None:
+                program.close()
+        self._train = self._infer_program = None
         self._params = {}
 
 

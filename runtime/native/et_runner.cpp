@@ -1,0 +1,127 @@
+// edgepeft's native ExecuTorch runner: the narrow C ABI that runtime/backends/executorch.py
+// drives through ctypes, so a device process runs the bundle's .pte programs without torch.
+//
+// Built against the executorch wheel's own headers and libexecutorch*.so (see build.py next to
+// this file). The training program takes the adapter tensors as inputs and returns
+// (loss, *gradients), so plain Module/Method execution is all training needs; the optimizer
+// stays in numpy. Error strings are copied into a caller buffer; nothing here throws across
+// the ABI.
+#include <executorch/extension/module/module.h>
+#include <executorch/extension/tensor/tensor.h>
+
+#include <cstdint>
+#include <cstdio>
+#include <cstring>
+#include <memory>
+#include <string>
+#include <vector>
+
+using executorch::aten::ScalarType;
+using executorch::extension::TensorPtr;
+using executorch::extension::from_blob;
+using executorch::extension::module::Module;
+using executorch::runtime::Error;
+using executorch::runtime::EValue;
+
+namespace executorch::extension::threadpool {
+// Declared here because the wheel ships libexecutorch_threadpool.so but not threadpool.h.
+class ThreadPool {
+ public:
+  bool _unsafe_reset_threadpool(uint32_t num_threads);
+};
+ThreadPool* get_threadpool();
+}  // namespace executorch::extension::threadpool
+
+namespace {
+
+struct Program {
+  std::unique_ptr<Module> module;
+  std::string method;
+  std::vector<EValue> outputs;  // valid until the next run: they alias the method's memory
+};
+
+void set_error(char* err, size_t len, const std::string& what) {
+  if (err != nullptr && len > 0) {
+    std::snprintf(err, len, "%s", what.c_str());
+  }
+}
+
+std::string error_text(const char* phase, Error e) {
+  return std::string(phase) + " failed with ExecuTorch error 0x" +
+      [](int v) { char b[16]; std::snprintf(b, sizeof b, "%x", v); return std::string(b); }(static_cast<int>(e));
+}
+
+}  // namespace
+
+extern "C" {
+
+// Loads ``path`` (memory-mapped: constants stay file pages) and plans ``method``'s memory.
+void* edgepeft_et_open(const char* path, const char* method, char* err, size_t errlen) {
+  auto p = std::make_unique<Program>();
+  p->module = std::make_unique<Module>(path, Module::LoadMode::Mmap);
+  p->method = method;
+  Error e = p->module->load_method(p->method);
+  if (e != Error::Ok) {
+    set_error(err, errlen, error_text("loading the method", e));
+    return nullptr;
+  }
+  return p.release();
+}
+
+// Inputs the method takes (its MethodMeta), or -1.
+int edgepeft_et_num_inputs(void* handle) {
+  auto* p = static_cast<Program*>(handle);
+  auto meta = p->module->method_meta(p->method);
+  return meta.ok() ? static_cast<int>(meta->num_inputs()) : -1;
+}
+
+// Runs the method on ``n`` inputs (dtype: ExecuTorch ScalarType codes; shapes packed, ``ranks``
+// entries each). Returns the number of outputs, or -1 with ``err`` filled.
+int edgepeft_et_run(void* handle, int n, void** data, const int* dtypes, const int* ranks, const int64_t* shapes,
+                    char* err, size_t errlen) {
+  auto* p = static_cast<Program*>(handle);
+  std::vector<TensorPtr> tensors;  // kept alive until execute returns (inputs are copied in)
+  std::vector<EValue> inputs;
+  for (int i = 0; i < n; ++i) {
+    std::vector<executorch::aten::SizesType> sizes(shapes, shapes + ranks[i]);
+    shapes += ranks[i];
+    tensors.push_back(from_blob(data[i], std::move(sizes), static_cast<ScalarType>(dtypes[i])));
+    inputs.emplace_back(tensors.back());
+  }
+  auto result = p->module->execute(p->method, inputs);
+  if (!result.ok()) {
+    set_error(err, errlen, error_text("running the method", result.error()));
+    return -1;
+  }
+  p->outputs = std::move(result.get());
+  return static_cast<int>(p->outputs.size());
+}
+
+// Output ``i`` of the last run: its data pointer (owned by the runtime), dtype and shape
+// (up to 8 dimensions). Returns the rank, or -1 when the output is not a tensor.
+int edgepeft_et_output(void* handle, int i, void** data, int* dtype, int64_t* shape) {
+  auto* p = static_cast<Program*>(handle);
+  if (i < 0 || i >= static_cast<int>(p->outputs.size()) || !p->outputs[i].isTensor()) {
+    return -1;
+  }
+  const auto& t = p->outputs[i].toTensor();
+  if (t.dim() > 8) {
+    return -1;
+  }
+  *data = t.mutable_data_ptr();
+  *dtype = static_cast<int>(t.scalar_type());
+  for (int d = 0; d < t.dim(); ++d) {
+    shape[d] = t.size(d);
+  }
+  return static_cast<int>(t.dim());
+}
+
+void edgepeft_et_close(void* handle) { delete static_cast<Program*>(handle); }
+
+// ExecuTorch's kernels and XNNPACK share one process-wide pool.
+int edgepeft_et_set_threads(int n) {
+  auto* pool = executorch::extension::threadpool::get_threadpool();
+  return pool != nullptr && pool->_unsafe_reset_threadpool(static_cast<uint32_t>(n)) ? 0 : -1;
+}
+
+}  // extern "C"
