@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 PIP    := $(BIN)/python -m pip install --disable-pip-version-check -q -c requirements/constraints.txt
 STAMP  := $(VENV)/.installed
 
-.PHONY: setup demo test test-fast bench clean examples
+.PHONY: setup demo test test-fast bench clean examples native
 
 setup: $(STAMP)
 
@@ -15,6 +15,7 @@ $(STAMP): pyproject.toml requirements/constraints.txt requirements/host.txt requ
 	$(PIP) --no-deps -r requirements/data.txt
 	$(PIP) --no-deps -r requirements/executorch.txt
 	$(PIP) --no-build-isolation --no-deps -e .
+	$(BIN)/python -m edgepeft.runtime.native.build  # the ExecuTorch runner (else built on first use)
 	@touch $@
 
 # make demo BACKEND=portable|executorch runs the same job on another runtime backend.
@@ -22,6 +23,10 @@ BACKEND ?= ort-training
 
 demo: setup
 	$(BIN)/edgepeft demo --backend $(BACKEND) --results benchmarks/results/demo-$(BACKEND).json
+
+# The native ExecuTorch runner (runtime/native), against the installed executorch wheel.
+native: setup
+	$(BIN)/python -m edgepeft.runtime.native.build
 
 # Test files run on both cores (one file per worker keeps module fixtures shared).
 test: setup
