@@ -79,10 +79,24 @@ def _locked(d: Path) -> Iterator[None]:
             fcntl.flock(f, fcntl.LOCK_UN)
 
 
+class EmulatorUnavailable(BackendError):
+    """What the emulation needs cannot be had here: qemu (not installed, and no root or apt-get
+    to install it), Debian's arm64 packages or PyPI's aarch64 wheels (no network, or a
+    registry refused). The emulated targets cannot run; that is not a parity failure."""
+
+
 def _run(cmd: list[str], **kw) -> None:
     r = subprocess.run(cmd, capture_output=True, text=True, **kw)
     if r.returncode != 0:
         raise BackendError(f"`{' '.join(cmd[:6])} ...` failed ({r.returncode}): {r.stderr[-2000:]}")
+
+
+def _fetch(cmd: list[str], **kw) -> None:
+    """``_run`` for a command that downloads from a package registry (apt, pip)."""
+    try:
+        _run(cmd, **kw)
+    except BackendError as e:
+        raise EmulatorUnavailable(f"cannot fetch what the emulated board needs: {e}") from None
 
 
 def ensure_qemu() -> Path:
@@ -91,13 +105,14 @@ def ensure_qemu() -> Path:
     if found:
         return Path(found)
     if os.geteuid() != 0 or not shutil.which("apt-get"):
-        raise BackendError("qemu-aarch64-static is missing: install Debian's qemu-user-static "
-                           "(`apt-get install qemu-user-static`), or run as root on Debian to have it installed")
+        raise EmulatorUnavailable("qemu-aarch64-static is missing: install Debian's qemu-user-static "
+                                  "(`apt-get install qemu-user-static`), or run as root on Debian to have it "
+                                  "installed")
     _log("installing qemu-user-static (apt-get)")
     env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
     if not list(Path("/var/lib/apt/lists").glob("*_Packages*")):
-        _run(["apt-get", "update", "-qq"], env=env)
-    _run(["apt-get", "install", "-y", "-qq", "--no-install-recommends", "qemu-user-static"], env=env)
+        _fetch(["apt-get", "update", "-qq"], env=env)
+    _fetch(["apt-get", "install", "-y", "-qq", "--no-install-recommends", "qemu-user-static"], env=env)
     return Path(shutil.which("qemu-aarch64-static") or "/usr/bin/qemu-aarch64-static")
 
 
@@ -116,8 +131,8 @@ def _build_root(d: Path) -> Path:
             "-o", f"Dir::Cache={apt / 'cache'}", "-o", f"Dir::Cache::archives={apt / 'cache' / 'archives'}",
             "-o", "Debug::NoLocking=1"]
     _log("apt (arm64, private state): downloading python3.11's closure")
-    _run(["apt-get", *opts, "update", "-qq"])
-    _run(["apt-get", *opts, "install", "-y", "-qq", "--download-only", "--no-install-recommends", *DEBS])
+    _fetch(["apt-get", *opts, "update", "-qq"])
+    _fetch(["apt-get", *opts, "install", "-y", "-qq", "--download-only", "--no-install-recommends", *DEBS])
     tmp = d / "root.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
@@ -169,8 +184,8 @@ def _site(d: Path, wheels: tuple[str, ...]) -> Path:
     _log(f"pip: aarch64 wheels for Python {PY_VERSION} -> {site.name} ({' '.join(wheels)})")
     tmp = d / f"site-{key}.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
-    _run([sys.executable, "-m", "pip", "install", "-q", "--disable-pip-version-check", "--target", str(tmp),
-          *PLATFORM_FLAGS, *wheels])
+    _fetch([sys.executable, "-m", "pip", "install", "-q", "--disable-pip-version-check", "--target", str(tmp),
+            *PLATFORM_FLAGS, *wheels])
     shutil.rmtree(site, ignore_errors=True)
     tmp.rename(site)
     (d / "stamps" / f"site-{key}").touch()

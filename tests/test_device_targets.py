@@ -118,6 +118,43 @@ def test_parity_lists_each_difference(tiny, tmp_path):
 
 
 # -- emulated ARM64 boards -----------------------------------------------------------------------------
+def _emulator_or_skip(cpu: str) -> None:
+    """Build (or reuse) the emulated Python; skip with the reason when its parts cannot be had."""
+    from device_tests import armemu
+
+    try:
+        armemu.build(cpu)
+    except armemu.EmulatorUnavailable as e:
+        pytest.skip(f"emulated board unavailable (`make test` needs only the package registries: Debian's "
+                    f"qemu-user-static and arm64 python3.11, PyPI's aarch64 wheels): {e}")
+
+
+def test_an_emulator_that_cannot_be_had_is_said_so(monkeypatch, tmp_path):
+    """No qemu and no way to install it, or a registry that cannot be reached: EmulatorUnavailable
+    (the emulated test skips with its message); other failures stay errors."""
+    from device_tests import armemu
+    from edgepeft.errors import BackendError
+
+    monkeypatch.setenv("EDGEPEFT_ARMEMU_DIR", str(tmp_path))
+    monkeypatch.setattr(armemu.shutil, "which", lambda name: None)
+    monkeypatch.setattr(armemu.os, "geteuid", lambda: 1000)
+    with pytest.raises(armemu.EmulatorUnavailable, match="qemu-aarch64-static is missing"):
+        armemu.build("cortex-a72")
+    monkeypatch.setattr(armemu, "ensure_qemu", lambda: Path("/bin/true"))
+    monkeypatch.setattr(armemu.subprocess, "run", lambda cmd, **kw: subprocess_result(cmd, 100, "no network"))
+    with pytest.raises(armemu.EmulatorUnavailable, match="cannot fetch .* no network"):
+        armemu.build("cortex-a72")
+    with pytest.raises(BackendError) as e:
+        armemu._run(["dpkg", "-x", "a.deb", "b"])
+    assert not isinstance(e.value, armemu.EmulatorUnavailable)
+
+
+def subprocess_result(cmd, code: int, stderr: str):
+    import subprocess
+
+    return subprocess.CompletedProcess(cmd, code, "", stderr)
+
+
 def _cli_run(*args: str) -> dict:
     res = CliRunner().invoke(cli, ["run", *args, "--json"], catch_exceptions=False)
     assert res.exit_code in (0, 1), res.output
@@ -132,7 +169,9 @@ def _cli_run(*args: str) -> dict:
 ])
 def test_emulated_board_matches_the_host(tiny, device):
     """The scenario on an aarch64 Python under qemu (the device's CPU model, plain onnxruntime
-    from PyPI's aarch64 wheels) gives the host's losses and outputs."""
+    from PyPI's aarch64 wheels) gives the host's losses and outputs. Where qemu, Debian's arm64
+    packages or the aarch64 wheels cannot be had, it skips and says which (not a pass)."""
+    _emulator_or_skip(devices.get(device).qemu_cpu)
     out = _cli_run("--target", f"emu:{device}", "--bundle", str(tiny), "--scenario", "smoke")
     target = out["target"]
     print(f"\nemu:{device}: parity {out['parity']['ok']}, max loss diff {out['parity']['max_loss_diff']:.3g}, "
