@@ -9,11 +9,12 @@ STAMP  := $(VENV)/.installed
 
 setup: $(STAMP)
 
-$(STAMP): pyproject.toml requirements/constraints.txt requirements/host.txt requirements/data.txt requirements/executorch.txt
+$(STAMP): pyproject.toml requirements/constraints.txt requirements/host.txt requirements/data.txt requirements/executorch.txt requirements/fleet.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(PIP) -r requirements/host.txt
 	$(PIP) --no-deps -r requirements/data.txt
 	$(PIP) --no-deps -r requirements/executorch.txt
+	$(PIP) -r requirements/fleet.txt
 	$(PIP) --no-build-isolation --no-deps -e .
 	$(BIN)/python -m edgepeft.runtime.native.build  # the ExecuTorch runner (else built on first use)
 	@touch $@
@@ -45,7 +46,14 @@ bench: setup
 
 # Every personalization example, full size, one after another (figures in the README).
 examples: setup
-	for e in topic sentiment keyboard vision multiuser; do $(BIN)/python -m examples.$$e || exit 1; done
+	for e in topic sentiment keyboard vision multiuser fleet; do $(BIN)/python -m examples.$$e || exit 1; done
+
+# Fleet learning deployed on loopback: a Flower SuperLink and three SuperNodes (device processes on
+# the portable backend, each with its own memory budget), one killed mid-round; started and stopped
+# by tests/test_fleet_deploy.py.
+.PHONY: fleet-test
+fleet-test: setup
+	EDGEPEFT_FLEET_DEPLOY=1 $(BIN)/python -m pytest -q -s -p no:cacheprovider tests/test_fleet_deploy.py
 
 # Device validation: emulated Pi 4 and Pi 5 (qemu ARM64 sysroot, cached in ~/.cache/edgepeft/armemu),
 # MiniLM under the Pi 4's memory cap and below its predicted need, and a loopback sshd as a board.
