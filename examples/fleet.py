@@ -46,7 +46,7 @@ class FleetSizes:
     delta: float = 1e-5
 
 
-FULL = FleetSizes(users=20, n_device=40, n_test=15, rounds=8, steps=4, batch=8, max_length=64, central_steps=160)
+FULL = FleetSizes(users=20, n_device=40, n_test=15, rounds=6, steps=3, batch=8, max_length=64, central_steps=120)
 SMOKE = FleetSizes(users=3, n_device=10, n_test=4, rounds=2, steps=1, batch=4, max_length=32, central_steps=2)
 LR = 3e-3  # the demo's and the topic example's learning rate for this model and data
 
@@ -198,7 +198,8 @@ def main(argv: Sequence[str] | None = None) -> dict:
     seed_samples(root, {**{u: d["device"] for u, d in users.items()},
                                 "union": [a for d in users.values() for a in d["device"]]})
     dev = Device(DeviceSettings(bundle=str(bundle), root=str(root), memory_budget=args.budget,
-                                backend=args.backend, lr=LR, batch_size=z.batch, threads=args.threads))
+                                backend=args.backend, lr=LR, batch_size=z.batch, threads=args.threads,
+                                personal_steps=z.steps * 2))
     curves = {name: curve(dev, users, runs[name], key) for name in runs}
     initial = curves["fleet"][0]
 

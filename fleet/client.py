@@ -16,7 +16,7 @@ from typing import Callable
 
 import numpy as np
 
-from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.app import ConfigRecord, Context, Message, MessageType, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 from flwr.clientapp.mod import fixedclipping_mod
 
@@ -80,10 +80,18 @@ def handle_evaluate(msg: Message, context: Context, resolve: Resolver) -> Messag
     return Message(RecordDict({"metrics": metrics}), reply_to=msg)
 
 
+def clip_train_replies(msg: Message, ctx: Context, call_next) -> Message:
+    """Flower's ``fixedclipping_mod`` on train messages only: in flwr 1.42 it also demands the
+    clipping norm in evaluate messages (which carry none) and fails them."""
+    if msg.metadata.message_type != MessageType.TRAIN:
+        return call_next(msg, ctx)
+    return fixedclipping_mod(msg, ctx, call_next)
+
+
 def make_client_app(resolve: Resolver, *, clip: bool = False, int8: bool = False) -> ClientApp:
     """A ClientApp whose nodes are devices; ``clip``: DP's client-side fixed clipping (pair
     it with the server's ``dp_noise``); ``int8``: replies as int8 deltas."""
-    mods = ([int8_delta_mod] if int8 else []) + ([fixedclipping_mod] if clip else [])
+    mods = ([int8_delta_mod] if int8 else []) + ([clip_train_replies] if clip else [])
     app = ClientApp(mods=mods)
 
     @app.train()

@@ -46,9 +46,10 @@ class DeviceSettings:
     eval_batch_size: int = 16
     trusted_keys: tuple[str, ...] = ()
     cache_dir: str | None = None
+    personal_steps: int = 10     # steps of a personalization round (edgepeft.fleet.personal)
 
     def __post_init__(self) -> None:
-        for name in ("threads", "batch_size", "eval_batch_size"):
+        for name in ("threads", "batch_size", "eval_batch_size", "personal_steps"):
             v = getattr(self, name)
             if not isinstance(v, int) or isinstance(v, bool) or v < 1:
                 raise SpecError(f"`{name}` must be an int >= 1, got {v!r}")
@@ -72,7 +73,7 @@ class Device:
                                     optimizer=OptimizerSpec(lr=settings.lr), cache_dir=settings.cache_dir,
                                     batch_size=settings.batch_size)
         self.personalizer = Personalizer(self.session, root / "loop", PersonalizerConfig(
-            every=0, batch_size=settings.batch_size, eval_batch_size=settings.eval_batch_size, min_holdout=1,
+            every=0, steps=settings.personal_steps, batch_size=settings.batch_size, eval_batch_size=settings.eval_batch_size, min_holdout=1,
             min_train=1))
 
     @property

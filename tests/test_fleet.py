@@ -246,8 +246,24 @@ def _simulate(bundle, tmp_path, cache_dir, **kw):
         close_devices()
 
 
-def test_simulation_standard_lora(bundles, tmp_path, cache_dir):
-    doc = _simulate(bundles["lora"], tmp_path, cache_dir)
+def test_cli_simulation_standard_lora(bundles, tmp_path, monkeypatch, cache_dir):
+    from click.testing import CliRunner
+
+    from edgepeft.cli import main
+
+    monkeypatch.setenv("EDGEPEFT_CACHE", str(cache_dir))
+    data = tmp_path / "data.jsonl"
+    data.write_text("".join(json.dumps({"text": e.text, "label": e.label, "user": f"u{i % 3}"}) + "\n"
+                            for i, e in enumerate(DATA * 2)))
+    try:
+        res = CliRunner().invoke(main, ["fleet", "simulate", "--bundle", str(bundles["lora"]), "--data", str(data),
+                                        "--clients", "3", "--rounds", "2", "--steps", "2", "--batch-size", "4",
+                                        "--lr", "0.05", "--out", str(tmp_path / "run")])
+    finally:
+        close_devices()
+    assert res.exit_code == 0, res.output
+    assert "round 2: 3 replies" in res.output and "LoRA A/B averaging gap" in res.output
+    doc = json.loads((tmp_path / "run" / "server" / "fleet.json").read_text())
     rounds = doc["rounds"]
     assert [r["round"] for r in rounds] == [1, 2] and all(r["replies"] == 3 and r["failures"] == 0 for r in rounds)
     assert doc["version"] == 2 and all(r["evaluate"] is not None for r in rounds)
@@ -256,10 +272,11 @@ def test_simulation_standard_lora(bundles, tmp_path, cache_dir):
     per = doc["trainable_params"] * 4
     assert all(per <= r["bytes_down_per_device"] < per + 200 * 10 for r in rounds)
     assert all(per <= b < per + 200 * 10 for r in rounds for b in r["bytes_up_per_device"])
-    t, v = signed.load_published(tmp_path / "server" / "published", bundle_sha256=doc["bundle_sha256"],
+    t, v = signed.load_published(tmp_path / "run" / "server" / "published", bundle_sha256=doc["bundle_sha256"],
                                  trusted_keys=None)
     assert v == 2 and all(np.all(np.isfinite(x)) for x in t.values())
-    assert json.loads((tmp_path / "server" / "fleet.json").read_text())["version"] == 2
+    # Each device's buffer got its own user's samples only.
+    assert sorted(p.name for p in (tmp_path / "run" / "devices" / "loop").iterdir()) == ["user-00", "user-01", "user-02"]
 
 
 def test_simulation_dp_int8_signed_lora_fa(bundles, keys, tmp_path, cache_dir):
@@ -268,6 +285,7 @@ def test_simulation_dp_int8_signed_lora_fa(bundles, keys, tmp_path, cache_dir):
                     dp_clip=0.5, int8=True)
     rounds = doc["rounds"]
     assert all(r["replies"] == 3 and not r["refused"] for r in rounds)
+    assert all(r["evaluate"] is not None and len(r["evaluate_per_device"]) == 3 for r in rounds)
     eps = [r["epsilon"] for r in rounds]
     assert 0 < eps[0] < eps[1]  # the accountant's epsilon, per round, growing
     assert eps[1] == pytest.approx(epsilon_after(2, 1.0, 3, 1e-5), rel=1e-6)
