@@ -15,6 +15,7 @@ SMOKES = [
     "multiuser",
     pytest.param("keyboard", marks=pytest.mark.slow),  # SmolLM2-135M: ~1 min to export and step
     pytest.param("vision", marks=pytest.mark.slow),    # EfficientNet-Lite0 at 224x224
+    pytest.param("fleet", marks=pytest.mark.slow),     # MiniLM, 3 Flower simulations of 3 users: ~2 min
 ]
 
 
