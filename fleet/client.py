@@ -88,10 +88,18 @@ def clip_train_replies(msg: Message, ctx: Context, call_next) -> Message:
     return fixedclipping_mod(msg, ctx, call_next)
 
 
-def make_client_app(resolve: Resolver, *, clip: bool = False, int8: bool = False) -> ClientApp:
+def make_client_app(resolve: Resolver, *, clip: bool = False, int8: bool = False, secagg: bool = False) -> ClientApp:
     """A ClientApp whose nodes are devices; ``clip``: DP's client-side fixed clipping (pair
-    it with the server's ``dp_noise``); ``int8``: replies as int8 deltas."""
-    mods = ([int8_delta_mod] if int8 else []) + ([clip_train_replies] if clip else [])
+    it with the server's ``dp_noise``); ``int8``: replies as int8 deltas; ``secagg``: Flower's
+    SecAgg+ mod (pair it with the server's ``secagg``)."""
+    if secagg:
+        from flwr.client.mod import secaggplus_mod
+
+        return _app(resolve, [secaggplus_mod])
+    return _app(resolve, ([int8_delta_mod] if int8 else []) + ([clip_train_replies] if clip else []))
+
+
+def _app(resolve: Resolver, mods: list) -> ClientApp:
     app = ClientApp(mods=mods)
 
     @app.train()

@@ -50,7 +50,7 @@ def simulate(fleet: FleetSettings, device: DeviceSettings, *, nodes: int, int8: 
     from flwr.simulation import run_simulation
 
     device = replace(device, threads=max(1, cpus))
-    client = make_client_app(SimResolver(device), clip=fleet.dp_noise > 0, int8=int8)
+    client = make_client_app(SimResolver(device), clip=fleet.dp_noise > 0, int8=int8, secagg=fleet.secagg)
     backend = {"client_resources": {"num_cpus": cpus, "num_gpus": 0.0},
                "init_args": {"num_cpus": cpus, "num_gpus": 0, "include_dashboard": False,
                              "logging_level": "error", "log_to_driver": True}}
