@@ -113,7 +113,9 @@ def read_manifest(path: Path) -> Manifest:
 
 def _parse_manifest(raw: bytes) -> Manifest:
     try:
-        return Manifest.from_json(raw)
+        manifest = Manifest.from_json(raw)
+        manifest.check_backend_members()  # here, not in from_dict: a manifest being built has no members yet
+        return manifest
     except RecursionError:  # JSON nested thousands deep: the json module recurses
         raise ManifestError("manifest.json is nested too deeply to be a manifest; the bundle is corrupted: "
                             "re-export it") from None

@@ -182,15 +182,11 @@ class Manifest:
         if missing:
             raise ManifestError(f"manifest.json lacks {missing}; the bundle is corrupted or truncated: re-export it")
         validate(data)  # types, ranges, known tasks and losses, the memory card (edgepeft.manifest_schema)
-        manifest = cls._build(data)
-        manifest.check_backend_members()
-        return manifest
+        return cls._build(data)
 
     def check_backend_members(self) -> None:
-        """ManifestError unless every backend entry's members are members of the bundle (once the
-        member list is filled in: an exporter builds the manifest before it has the hashes)."""
-        if not self.members:
-            return
+        """ManifestError unless every backend entry's members are members of the bundle (checked
+        when a bundle opens: an exporter builds the manifest before it has the member list)."""
         for name, entry in self.backends.items():
             missing = sorted(set(entry.members.values()) - set(self.members))
             if missing:

@@ -90,7 +90,7 @@ def array(item: T, *, min_len: int = 0, length: int | None = None, unique: Calla
 
 
 def mapping(value: T, *, keys: T | None = None) -> T:
-    doc = f"object of {keys.doc if keys else 'name'} -> ({value.doc})"
+    doc = f"JSON object of {keys.doc if keys else 'name'} -> ({value.doc})"
 
     def check(v, path):
         if not isinstance(v, dict):
@@ -157,7 +157,12 @@ TENSOR = Obj({"name": Field(string(), doc="graph name"), "peft_key": Field(strin
               "shape": Field(array(integer(1, MAX_DIM))), "method": Field(string()),
               "dtype": Field(string(("float32",)), required=False)}, extra=False,
              name="{name, peft_key, shape, method, dtype}")
-SETTING = either(string(doc="string"), integer(1, MAX_DIM))
+def _setting(v, path):
+    if not (isinstance(v, str) and v) and (isinstance(v, bool) or not isinstance(v, int) or not 1 <= v <= MAX_DIM):
+        _fail(path, SETTING.doc, v)
+
+
+SETTING = T("string or integer >= 1 (settings are strings or integers)", _setting)
 # A backend entry: typed {"members": {role: member}, "settings": {key: value}}, or the flat
 # {key: value} of older manifests (edgepeft.manifest.BackendEntry.parse tells them apart).
 _TYPED = Obj({"members": Field(mapping(string())), "settings": Field(mapping(SETTING), required=False)},

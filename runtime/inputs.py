@@ -86,3 +86,20 @@ def _kind(v: Any) -> str:
 
 def _short(text: str, n: int = 40) -> str:
     return text if len(text) <= n else text[:n] + "..."
+
+
+def open_options(*, threads: Any, optimizer: Any, batch_size: Any, update_guard: Any) -> None:
+    """Session.open's options, checked before anything loads (SpecError saying what is expected)."""
+    from edgepeft.errors import SpecError
+    from edgepeft.optim import OptimizerSpec
+    from edgepeft.runtime.guard import UpdateGuard
+
+    for name, v in (("threads", threads), ("batch_size", batch_size)):
+        if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 1):
+            raise SpecError(f"`{name}` must be a positive int or None, got {v!r}")
+    if optimizer is not None and not isinstance(optimizer, OptimizerSpec):
+        raise SpecError(f"`optimizer` must be an OptimizerSpec or None, got {_kind(optimizer)}: "
+                        "e.g. OptimizerSpec(name='adamw', lr=1e-3)")
+    if update_guard is not None and not isinstance(update_guard, UpdateGuard):
+        raise SpecError(f"`update_guard` must be an UpdateGuard or None, got {_kind(update_guard)}: "
+                        "e.g. UpdateGuard(max_ratio=10.0, floor=0.1)")

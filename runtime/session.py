@@ -125,8 +125,7 @@ class Session:
         tensor out of proportion to its weights (by default more than 10x its RMS, or RMS 1.0
         for a tensor under 0.1) is refused with NumericalError, changing nothing."""
         check_adapter_name(adapter)
-        if update_guard is not None and not isinstance(update_guard, UpdateGuard):
-            raise DataError(f"`update_guard` must be an UpdateGuard or None, got {update_guard!r}")
+        check.open_options(threads=threads, optimizer=optimizer, batch_size=batch_size, update_guard=update_guard)
         budget = MemoryBudget(parse_size(memory_budget))
         budget.start()
         bundle = open_bundle(Path(path), Path(cache_dir) if cache_dir else None, trusted_keys=trusted_keys)

@@ -93,3 +93,25 @@ def test_good_calls_still_work(session, train_examples):
 def test_every_misuse_error_is_an_edgepeft_error():
     assert issubclass(DataError, EdgePeftError) and issubclass(BackendError, EdgePeftError)
     assert Batch  # the public types the checks name
+
+
+@pytest.mark.parametrize("kw, parts", [
+    (dict(threads="2"), ["`threads`", "'2'"]),
+    (dict(threads=-1), ["`threads`"]),
+    (dict(batch_size=0), ["`batch_size`"]),
+    (dict(optimizer="adamw"), ["`optimizer`", "OptimizerSpec("]),
+    (dict(update_guard=5), ["`update_guard`", "UpdateGuard("]),
+], ids=["threads-str", "threads-negative", "batch-size-0", "optimizer-str", "guard-int"])
+def test_session_open_checks_its_options(open_session, bundle_int8, tmp_path, kw, parts):
+    from edgepeft.errors import SpecError
+
+    with pytest.raises(SpecError) as exc:
+        open_session(bundle_int8.path, **kw)
+    assert all(p in str(exc.value) for p in parts), str(exc.value)
+    assert not (tmp_path / "store").exists()
+
+
+def test_update_guard_is_part_of_the_public_api():
+    from edgepeft.runtime import UpdateGuard
+
+    assert UpdateGuard(max_ratio=100).floor == 0.1

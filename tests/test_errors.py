@@ -329,7 +329,7 @@ BAD_TARGETS = [
     ("substring-is-not-a-match", LoraSpec(rank=4, targets=("uery",)), ["['uery']", "'query'"]),
     ("pattern-matches-nothing", LoraSpec(rank=4, targets=(), target_pattern=r"^decoder\..*$"),
      ["'^decoder\\\\..*$'", "'query'"]),
-    ("not-a-linear", LoraSpec(rank=4, targets=("LayerNorm",)), ["not Linear", "LayerNorm"]),
+    ("not-a-linear", LoraSpec(rank=4, targets=("LayerNorm",)), ["cannot wrap", "LayerNorm"]),
     ("modules-to-save-unknown", LoraSpec(rank=4, targets=("query",), modules_to_save=("head",)),
      ["modules_to_save", "['head']", "'classifier'"]),
 ]
