@@ -14,6 +14,7 @@ from typing import Mapping, Sequence
 
 from flwr.app import Context
 
+from edgepeft.bundle import default_cache_dir
 from edgepeft.data import Example
 from edgepeft.runtime.samples import SampleBuffer
 
@@ -49,7 +50,9 @@ def simulate(fleet: FleetSettings, device: DeviceSettings, *, nodes: int, int8: 
     ``device.root``); returns the run's history (also in ``<fleet.out>/fleet.json``)."""
     from flwr.simulation import run_simulation
 
-    device = replace(device, threads=max(1, cpus))
+    # The bundle cache is resolved here: ray's worker processes need not see this process's
+    # environment (EDGEPEFT_CACHE).
+    device = replace(device, threads=max(1, cpus), cache_dir=device.cache_dir or str(default_cache_dir()))
     client = make_client_app(SimResolver(device), clip=fleet.dp_noise > 0, int8=int8, secagg=fleet.secagg)
     backend = {"client_resources": {"num_cpus": cpus, "num_gpus": 0.0},
                "init_args": {"num_cpus": cpus, "num_gpus": 0, "include_dashboard": False,
