@@ -322,3 +322,26 @@ def test_simulation_secure_aggregation_gives_the_weighted_mean(bundles, keys, tm
     for k in want:  # SecAgg+ quantizes (see edgepeft.fleet.secagg): ~4e-5 per value here
         np.testing.assert_allclose(got[k], want[k], atol=1.5e-4)
     assert max(float(np.max(np.abs(got[k] - want[k]))) for k in want) < moved / 20
+
+
+def test_a_device_process_never_imports_torch(bundles, tmp_path, cache_dir):
+    """The device side of the fleet (flwr's ClientApp, the Device, a training step) stays torch-free."""
+    import subprocess
+    import sys
+
+    seed_samples(tmp_path / "dev", {"u": DATA})
+    code = f"""
+import sys
+from edgepeft.fleet.client import make_client_app, device_for
+from edgepeft.fleet.apps import client_app
+from edgepeft.fleet.device import DeviceSettings
+dev = device_for(DeviceSettings(bundle={str(bundles['fa'])!r}, root={str(tmp_path / 'dev')!r},
+                                cache_dir={str(cache_dir)!r}, batch_size=4))
+from edgepeft.adapters import AdapterStore
+start = AdapterStore(dev.session.bundle.root / "adapters", dev.manifest).load("initial")[0]
+dev.train("u", start, steps=1, seed="s")
+print("torch" in sys.modules, "onnx" in sys.modules)
+"""
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.split()[-2:] == ["False", "False"]
