@@ -87,7 +87,9 @@ def build(injected: InjectedModel, path: Path) -> onnx.ModelProto:
             ep = torch.export.export(WithLoss(injected.model, injected.plan.causal), args, strict=False,
                                      prefer_deferred_runtime_asserts_over_guards=True,
                                      dynamic_shapes={"args": shapes})
-            grad_module = _GradientModule(joint_forward_backward(ep), trainable, canonical_names(injected.model))
+            joint = joint_forward_backward(ep)
+            decompose_conv_backward(joint.graph_module)
+            grad_module = _GradientModule(joint, trainable, canonical_names(injected.model))
             # Re-export the wrapper: exporting the joint program itself yields an empty model.
             # The joint graph carries shape guards sympy cannot discharge (e.g. min(a+bs, c+ds)
             # with a prompt): defer them to run-time asserts instead of failing the export.
@@ -102,8 +104,59 @@ def build(injected: InjectedModel, path: Path) -> onnx.ModelProto:
         except ExportError:
             raise
         except Exception as e:  # torch.export raises many kinds; say which stage failed
-            raise ExportError(f"could not build the portable gradient graph: {type(e).__name__}: {e}") from e
+            raise ExportError(f"could not build the portable gradient graph: {_hint(e)}{type(e).__name__}: {e}") from e
     return _finish(onnx.load(str(path)), grad_module.renames, injected.quantized)
+
+
+def _hint(e: Exception) -> str:
+    """What the user can do about a capture failure torch describes in its own terms."""
+    if "data-dependent" in str(e) or type(e).__name__.startswith("GuardOnDataDependent"):
+        return ("the model's forward branches on tensor values, which a training graph cannot hold (e.g. "
+                "nn.Transformer checking whether `tgt_mask` is causal: pass tgt_is_causal=True with it). ")
+    return ""
+
+
+def decompose_conv_backward(gm: torch.fx.GraphModule) -> None:
+    """aten.convolution_backward has no ONNX translation: write its outputs as the convolutions
+    autograd defines them (the input's gradient a transposed convolution of the output's, the
+    weight's a convolution of the input by the output's gradient, the bias's a sum)."""
+    aten = torch.ops.aten
+    for node in list(gm.graph.nodes):
+        if node.target is not aten.convolution_backward.default:
+            continue
+        go, x, w, _, stride, padding, dilation, transposed, _, groups, mask = node.args
+        if transposed or (mask[1] and groups != 1):
+            raise ExportError("the portable gradient graph cannot train a transposed or grouped convolution's "
+                              "weight; leave that layer frozen (LoRA wraps only groups=1 convolutions)")
+        xs, ws, gs = (a.meta["val"].shape for a in (x, w, go))
+        k = len(ws) - 2
+        with gm.graph.inserting_before(node):
+            outs = [None, None, None]
+            if mask[0]:
+                pad_out = [int(xs[2 + i]) - ((int(gs[2 + i]) - 1) * stride[i] - 2 * padding[i]
+                                             + dilation[i] * (int(ws[2 + i]) - 1) + 1) for i in range(k)]
+                outs[0] = gm.graph.call_function(aten.convolution.default, (go, w, None, stride, padding, dilation,
+                                                                            True, pad_out, groups))
+            if mask[1]:
+                xt = gm.graph.call_function(aten.transpose.int, (x, 0, 1))
+                gt = gm.graph.call_function(aten.transpose.int, (go, 0, 1))
+                full = gm.graph.call_function(aten.convolution.default, (xt, gt, None, dilation, padding, stride,
+                                                                         False, [0] * k, 1))
+                gw = gm.graph.call_function(aten.transpose.int, (full, 0, 1))
+                for i in range(k):
+                    gw = gm.graph.call_function(aten.slice.Tensor, (gw, 2 + i, 0, int(ws[2 + i])))
+                outs[1] = gw
+            if mask[2]:
+                outs[2] = gm.graph.call_function(aten.sum.dim_IntList, (go, [0, *range(2, 2 + k)]))
+        for out, val in zip(outs, node.meta["val"]):  # later rewrites read their inputs' shapes
+            if out is not None:
+                out.meta["val"] = val
+        for user in list(node.users):
+            user.replace_all_uses_with(outs[user.args[1]])
+            gm.graph.erase_node(user)
+        gm.graph.erase_node(node)
+    gm.graph.lint()
+    gm.recompile()
 
 
 def _dynamic_shapes(injected: InjectedModel) -> tuple:
@@ -117,7 +170,9 @@ def _dynamic_shapes(injected: InjectedModel) -> tuple:
 
     axes = injected.dynamic_axes
     in_shapes = [{a: dim(n) for a, n in axes.get(k, {}).items()} or None for k in injected.example_inputs]
-    label_axes = {0: dim("batch")} | ({1: dim("seq")} if injected.plan.causal else {})
+    # A causal LM's labels follow its first input's sequence axis (dynamic only if that one is).
+    first_seq = axes.get(next(iter(injected.example_inputs)), {}).get(1)
+    label_axes = {0: dim("batch")} | ({1: dim(first_seq)} if injected.plan.causal and first_seq else {})
     return (*in_shapes, label_axes)
 
 

@@ -44,8 +44,13 @@ def joint_forward_backward(ep: torch.export.ExportedProgram) -> torch.export.Exp
     """torch's joint graph of ``ep`` (a ``WithLoss`` export): outputs the loss, then the gradient
     of every parameter that requires grad; ops no target translates are rewritten."""
     import torch.export.experimental  # noqa: F401  (registers _export_forward_backward)
+    from torch.nn.attention import SDPBackend, sdpa_kernel
 
-    joint = torch.export.experimental._export_forward_backward(ep, joint_loss_index=0)
+    # scaled_dot_product_attention (nn.MultiheadAttention, user attention) would otherwise take
+    # CPU flash attention, whose backward op neither ONNX nor ExecuTorch can run; the math
+    # backend spells it as matmuls and a softmax, with their own gradients.
+    with sdpa_kernel([SDPBackend.MATH]):
+        joint = torch.export.experimental._export_forward_backward(ep, joint_loss_index=0)
     replace_unexportable(joint.graph_module)
     return joint
 

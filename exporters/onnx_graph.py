@@ -209,6 +209,74 @@ def add_layernorm_stats(model: onnx.ModelProto) -> None:
             node.output.extend([node.output[0] + "/mean", node.output[0] + "/inv_std"])
 
 
+def spell_out_hard_activations(model: onnx.ModelProto) -> None:
+    """HardSigmoid and HardSwish (torch's hardsigmoid/hardswish, MobileNetV3) have no gradient in
+    ORT's training build: spell them with Relu, which has one. hardsigmoid(x) = clamp(t, 0, 1) =
+    Relu(t) - Relu(t - 1) with t = alpha x + beta; hardswish(x) = x * hardsigmoid(x)."""
+    g = model.graph
+    nodes: list[onnx.NodeProto] = []
+    for k, node in enumerate(g.node):
+        if node.op_type not in ("HardSigmoid", "HardSwish"):
+            nodes.append(node)
+            continue
+        attrs = {a.name: a.f for a in node.attribute}
+        alpha, beta = attrs.get("alpha", 1 / 6 if node.op_type == "HardSwish" else 0.2), attrs.get("beta", 0.5)
+        x, tag = node.input[0], f"{node.name or node.op_type}/spelled{k}"
+        consts = {"alpha": alpha, "beta": beta, "one": 1.0}
+        g.initializer.extend(numpy_helper.from_array(np.array(v, np.float32), f"{tag}/{n}") for n, v in consts.items())
+        hsig = node.output[0] if node.op_type == "HardSigmoid" else tag + "/hsig"
+        nodes += [helper.make_node("Mul", [x, tag + "/alpha"], [tag + "/ax"]),
+                  helper.make_node("Add", [tag + "/ax", tag + "/beta"], [tag + "/t"]),
+                  helper.make_node("Sub", [tag + "/t", tag + "/one"], [tag + "/t1"]),
+                  helper.make_node("Relu", [tag + "/t"], [tag + "/r"]),
+                  helper.make_node("Relu", [tag + "/t1"], [tag + "/r1"]),
+                  helper.make_node("Sub", [tag + "/r", tag + "/r1"], [hsig])]
+        if node.op_type == "HardSwish":
+            nodes.append(helper.make_node("Mul", [x, hsig], [node.output[0]]))
+    del g.node[:]
+    g.node.extend(nodes)
+
+
+def freeze_batchnorm(model: onnx.ModelProto) -> None:
+    """Inference-mode BatchNormalization spelled as y = x * a + (bias - mean * a), a = weight /
+    sqrt(var + eps) (ATen's own order), per channel. ORT's artifact builder would otherwise turn
+    it into its training kernel, which normalises with the batch's statistics and updates the
+    running ones: a frozen BatchNorm must keep its running statistics (as eager eval() does)."""
+    ranks = _ranks(model)
+    nodes: list[onnx.NodeProto] = []
+    for k, n in enumerate(model.graph.node):
+        if n.op_type != "BatchNormalization" or n.input[0] not in ranks:
+            nodes.append(n)
+            continue
+        x, w, b, mean, var = n.input
+        eps = next((a.f for a in n.attribute if a.name == "epsilon"), 1e-5)
+        t = f"{n.name or 'bn'}/frozen{k}"
+        shape = np.array([-1] + [1] * (ranks[x] - 2), np.int64)
+        nodes += [_const(t + "/eps", np.array(eps, np.float32)), _const(t + "/shape", shape),
+                  helper.make_node("Add", [var, t + "/eps"], [t + "/var_eps"]),
+                  helper.make_node("Sqrt", [t + "/var_eps"], [t + "/std"]),
+                  helper.make_node("Div", [w, t + "/std"], [t + "/a"]),
+                  helper.make_node("Mul", [mean, t + "/a"], [t + "/mean_a"]),
+                  helper.make_node("Sub", [b, t + "/mean_a"], [t + "/c"]),
+                  helper.make_node("Reshape", [t + "/a", t + "/shape"], [t + "/a_c"]),
+                  helper.make_node("Reshape", [t + "/c", t + "/shape"], [t + "/c_c"]),
+                  helper.make_node("Mul", [x, t + "/a_c"], [t + "/xa"]),
+                  helper.make_node("Add", [t + "/xa", t + "/c_c"], [n.output[0]])]
+    del model.graph.node[:]
+    model.graph.node.extend(nodes)
+
+
+def _const(name: str, value: np.ndarray) -> onnx.NodeProto:
+    return helper.make_node("Constant", [], [name], value=numpy_helper.from_array(value, name))
+
+
+def _ranks(model: onnx.ModelProto) -> dict[str, int]:
+    """Rank of every tensor shape inference can tell."""
+    g = onnx.shape_inference.infer_shapes(model).graph
+    return {v.name: len(v.type.tensor_type.shape.dim) for v in [*g.value_info, *g.input, *g.output]
+            if v.type.tensor_type.HasField("shape")}
+
+
 def expose_as_inputs(model: onnx.ModelProto, tensor_names: list[str]) -> onnx.ModelProto:
     """A copy whose ``tensor_names`` initializers are also graph inputs: ONNX Runtime uses the
     stored values unless the caller feeds others, so any adapter can be fed at run time."""

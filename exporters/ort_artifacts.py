@@ -11,6 +11,7 @@ import onnx
 
 from edgepeft import names
 from edgepeft.errors import ExportError
+from edgepeft.exporters.onnx_graph import freeze_batchnorm
 
 
 @contextlib.contextmanager
@@ -64,16 +65,39 @@ def _loss_block(loss: str):
     raise ExportError(f"no ORT loss for {loss!r}")
 
 
+# Recurrent ops whose training kernels (GRUTraining/LSTMTraining) crash onnxruntime-training 1.19.2
+# (a segfault in the first step, seen with torch's nn.GRU and nn.LSTM exports).
+_RNN_OPS = frozenset({"GRU", "LSTM", "RNN"})
+
+
+def check_trainable_through(forward: onnx.ModelProto, trainable: list[str]) -> None:
+    """Refuse a graph whose training would need a gradient through a recurrent op."""
+    live = set(trainable)
+    for node in forward.graph.node:  # topologically sorted
+        if not any(i in live for i in node.input):
+            continue
+        if node.op_type in _RNN_OPS:
+            raise ExportError(
+                f"the ort-training backend cannot train through the recurrent layer {node.name!r} "
+                f"({node.op_type}): ONNX Runtime's {node.op_type} training kernel crashes. Export it for the portable "
+                "backend (backends=('portable',)), which trains it, or train only layers after it (e.g. the head)")
+        live.update(node.output)
+
+
 def generate(forward: onnx.ModelProto, trainable: list[str], frozen: list[str], out_dir: Path,
              loss: str = "cross_entropy") -> dict[str, str]:
     """Build the artifacts into ``out_dir``; returns role -> bundle member name."""
     from onnxruntime.training import artifacts
 
+    check_trainable_through(forward, trainable)
     out_dir.mkdir(parents=True, exist_ok=True)
+    frozen_bn = onnx.ModelProto()
+    frozen_bn.CopyFrom(forward)
+    freeze_batchnorm(frozen_bn)
     with quiet_fds() as log:
         try:
             artifacts.generate_artifacts(
-                forward, requires_grad=trainable, frozen_params=frozen,
+                frozen_bn, requires_grad=trainable, frozen_params=frozen,
                 # No ORT optimizer graph: its state cannot be reset or kept per adapter, so the
                 # runtime steps in numpy (edgepeft.optim) from the gradients the graph returns.
                 loss=_loss_block(loss), optimizer=None,

@@ -84,10 +84,19 @@ def _default_axes(example: torch.Tensor, task: str) -> dict[int, str]:
 
 def _output_shape(model: nn.Module, example_inputs: Mapping[str, torch.Tensor]) -> tuple[int, ...]:
     with torch.no_grad():
-        y = model(*example_inputs.values())
+        try:
+            y = model(*example_inputs.values())
+        except Exception as e:  # the user's forward: any error type; nothing is exported yet
+            raise ExportError(f"the model failed on its example inputs {_shapes(example_inputs)}: "
+                              f"{type(e).__name__}: {e}. `example_inputs` must be {{forward's argument name: "
+                              "tensor}} in forward's argument order, one batch the model accepts") from e
     if not isinstance(y, torch.Tensor):
         raise ExportError(f"the model must return one logits tensor, got {type(y).__name__}")
     return tuple(y.shape)
+
+
+def _shapes(inputs: Mapping[str, torch.Tensor]) -> dict[str, tuple[int, ...]]:
+    return {k: tuple(v.shape) if isinstance(v, torch.Tensor) else type(v).__name__ for k, v in inputs.items()}
 
 
 # -- 2. inject and quantize ----------------------------------------------------------------------
@@ -123,9 +132,15 @@ def export_forward(injected: InjectedModel, tmp: Path) -> ForwardGraph:
     # unpack them themselves, are exported with int4 (ExportOptions refuses the others).
     onnx_graph.apply_int8(forward, {k: v for k, v in injected.quantized.items() if k not in int4})
     onnx_graph.add_layernorm_stats(forward)
+    onnx_graph.spell_out_hard_activations(forward)
     onnx.checker.check_model(forward)
-    card = memory_card(injected.model, forward, trainable, src.example_inputs, src.dynamic_axes, src.max_length,
-                       injected.plan.causal)
+    try:
+        card = memory_card(injected.model, forward, trainable, src.example_inputs, src.dynamic_axes, src.max_length,
+                           injected.plan.causal)
+    except RuntimeError as e:  # the user's forward on resized inputs (shape errors are RuntimeErrors)
+        raise ExportError(f"{src.name!r} failed on inputs resized along their dynamic axes {src.dynamic_axes} up to "
+                          f"max_length={src.max_length} (to measure its activation memory): {e}. Pass the longest "
+                          "sequence the model takes as `max_length`, or fix the sequence axis in `dynamic_axes`") from e
     card = _int4_card(card, forward, int4)
     frozen = sorted({i.name for i in forward.graph.initializer} - set(trainable))
     return ForwardGraph(forward, tuple(frozen), card)

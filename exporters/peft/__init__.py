@@ -10,7 +10,10 @@ from edgepeft.errors import SpecError
 from edgepeft.exporters.peft.base import InjectContext, Trainable
 from edgepeft.exporters.peft.bitfit import inject_bitfit
 from edgepeft.exporters.peft.bottleneck import inject_bottleneck
-from edgepeft.exporters.peft.lora import LoraConv1x1, LoraLinear, inject_lora
+from edgepeft.exporters.peft.lora import LoraLinear, inject_lora
+from edgepeft.exporters.peft.lora_conv import LoraConv
+from edgepeft.exporters.peft.lora_embedding import LoraEmbedding
+from edgepeft.exporters.peft.lora_mha import LoraMultiheadAttention
 from edgepeft.exporters.peft.prefix import inject_prefix
 from edgepeft.exporters.peft.prompt import inject_prompt
 from edgepeft.exporters.peft.selective import inject_selective
@@ -54,4 +57,5 @@ def inject(model: nn.Module, methods: Sequence[MethodSpec], ctx: InjectContext |
     return trainables
 
 
-__all__ = ["INJECTORS", "InjectContext", "LoraConv1x1", "LoraLinear", "Trainable", "inject"]
+__all__ = ["INJECTORS", "InjectContext", "LoraConv", "LoraEmbedding", "LoraLinear", "LoraMultiheadAttention",
+           "Trainable", "inject"]

@@ -64,7 +64,10 @@ def site_modules(model: nn.Module, site: str, what: str) -> list[tuple[str, nn.M
     sites = getattr(type(model), "PEFT_SITES", {})
     if site not in sites:
         raise TargetError(f"{what} needs the model to declare the site {site!r} in PEFT_SITES "
-                          f"({type(model).__name__} declares {sorted(sites) or 'none'}); zoo models declare them")
+                          f"({type(model).__name__} declares {sorted(sites) or 'none'}); zoo models declare them. "
+                          f"Declare it on your model's class, an anchored regex over module names, e.g. "
+                          f"PEFT_SITES = {{{site!r}: r'^layers\\.\\d+$'}}, or pick LoRA, BitFit or selective "
+                          "training, which need no site")
     pattern = re.compile(sites[site])
     hits = [(n, m) for n, m in model.named_modules() if n and pattern.fullmatch(n)]
     if not hits:
@@ -76,7 +79,8 @@ def slot_modules(model: nn.Module, slot: type, what: str, hint: str) -> list[tup
     hits = [(n, m) for n, m in model.named_modules() if isinstance(m, slot)]
     if not hits:
         raise TargetError(f"{what} needs {hint} ({slot.__name__} in edgepeft.exporters.peft.slots); "
-                          f"{type(model).__name__} has none. Zoo models have them; or pick LoRA, BitFit or "
+                          f"{type(model).__name__} has none. Zoo models have them; your model can inherit the "
+                          "mixin and call its helper in forward (see that module); or pick LoRA, BitFit or "
                           "selective training, which need no slot")
     return hits
 

@@ -1,86 +1,111 @@
-"""LoRA for nn.Linear and pointwise (1x1) nn.Conv2d: y = base(x) + s * B(A(x))."""
+"""LoRA: y = base(x) + s * B(A(x)). The layers it wraps are an ordered list (first match
+wins): nn.Linear (lora_base), convolutions (lora_conv), embeddings (lora_embedding) and
+nn.MultiheadAttention (lora_mha). Anything else is refused with the supported list."""
 from __future__ import annotations
 
-import math
+from dataclasses import dataclass
+from typing import Callable
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 from edgepeft.errors import TargetError
-from edgepeft.exporters.peft.base import InjectContext, Trainable, declare, find_modules, set_submodule
+from edgepeft.exporters.peft.base import InjectContext, Trainable, declare, set_submodule
+from edgepeft.exporters.peft.lora_base import LoraBase, LoraLinear
+from edgepeft.exporters.peft.lora_conv import LoraConv, conv_refusal
+from edgepeft.exporters.peft.lora_embedding import LoraEmbedding, embedding_refusal
+from edgepeft.exporters.peft.lora_mha import LoraMultiheadAttention, disable_fast_paths, mha_refusal
 from edgepeft.exporters.peft.selective import select_modules
 from edgepeft.specs import LoraSpec
+from edgepeft.specs.base import name_matches
 
 
-class _LoraBase(nn.Module):
-    """A (rank x in) and B (out x rank) around a frozen ``base_layer`` (PEFT's name). B starts
-    at zero so the adapted model equals the base. With ``freeze_a`` (LoRA-FA), A is a buffer:
-    frozen, exported with the base, and absent from the adapter."""
+@dataclass(frozen=True)
+class Wrapper:
+    """One kind of layer LoRA wraps: its types, why a given layer of them cannot be wrapped
+    (None: it can), and the wrapper class."""
 
-    def _init_ab(self, a_shape: tuple[int, ...], b_shape: tuple[int, ...], fan_in: int, freeze_a: bool,
-                 generator: torch.Generator) -> None:
-        bound = 1.0 / math.sqrt(fan_in)  # PEFT's kaiming-uniform(a=sqrt(5)) bound
-        a = torch.empty(a_shape).uniform_(-bound, bound, generator=generator)
-        if freeze_a:
-            self.register_buffer("lora_A", a)
-        else:
-            self.lora_A = nn.Parameter(a)
-        self.lora_B = nn.Parameter(torch.zeros(b_shape))
-
-    def adapter_params(self) -> dict[str, nn.Parameter]:
-        """The declared trainable tensors of this layer (suffix -> parameter)."""
-        out = {"lora_B": self.lora_B}
-        if isinstance(self.lora_A, nn.Parameter):
-            out = {"lora_A": self.lora_A, **out}
-        return out
+    kinds: tuple[type[nn.Module], ...]
+    refusal: Callable[[nn.Module, bool], str | None]
+    cls: type[LoraBase]
 
 
-class LoraLinear(_LoraBase):
-    def __init__(self, base: nn.Linear, rank: int, scaling: float, freeze_a: bool, generator: torch.Generator):
-        super().__init__()
-        self.base_layer = base
-        self.scaling = scaling
-        self._init_ab((rank, base.in_features), (base.out_features, rank), base.in_features, freeze_a, generator)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.base_layer(x) + (x @ self.lora_A.t() @ self.lora_B.t()) * self.scaling
-
-
-class LoraConv1x1(_LoraBase):
-    """Pointwise convolutions (the expand/project convs of MobileNet/EfficientNet blocks). A and
-    B have PEFT's Conv2d shapes (r, in, 1, 1) and (out, r, 1, 1)."""
-
-    def __init__(self, base: nn.Conv2d, rank: int, scaling: float, freeze_a: bool, generator: torch.Generator):
-        super().__init__()
-        self.base_layer = base
-        self.scaling = scaling
-        self._init_ab((rank, base.in_channels, 1, 1), (base.out_channels, rank, 1, 1), base.in_channels, freeze_a,
-                      generator)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = F.conv2d(x, self.lora_A, stride=self.base_layer.stride)
-        return self.base_layer(x) + F.conv2d(h, self.lora_B) * self.scaling
+WRAPPERS: tuple[Wrapper, ...] = (
+    Wrapper((nn.Linear,), lambda layer, freeze_a: None, LoraLinear),
+    Wrapper((nn.Conv1d, nn.Conv2d), conv_refusal, LoraConv),
+    Wrapper((nn.Embedding,), embedding_refusal, LoraEmbedding),
+    Wrapper((nn.MultiheadAttention,), mha_refusal, LoraMultiheadAttention),
+)
+SUPPORTED = "nn.Linear, nn.Conv1d, nn.Conv2d (any kernel, groups=1), nn.Embedding, nn.MultiheadAttention"
+# Why a layer kind is not wrapped, in the user's terms, and what to do instead.
+_HINTS: tuple[tuple[type[nn.Module], str], ...] = (
+    (nn.RNNBase, "its gates live in fused per-layer tensors that no low-rank wrapper reaches; target the Linear "
+                 "layers around it (e.g. the classifier) with LoRA, or train its biases with BitFit"),
+    (nn.modules.batchnorm._NormBase, "a normalization layer has no weight matrix; train its bias with BitFit or "
+                                     "the whole layer with SelectiveSpec(modules=...)"),
+    (nn.LayerNorm, "a normalization layer has no weight matrix; train it with BitFit or SelectiveSpec"),
+)
 
 
-def _wrap(layer: nn.Module, name: str, spec: LoraSpec, g: torch.Generator) -> _LoraBase:
-    if isinstance(layer, nn.Linear):
-        return LoraLinear(layer, spec.rank, spec.scaling, spec.freeze_a, g)
-    if layer.kernel_size != (1, 1) or layer.groups != 1 or layer.dilation != (1, 1) or layer.padding not in (0, (0, 0)):
-        raise TargetError(f"LoRA: Conv2d {name!r} is not pointwise (kernel {layer.kernel_size}, groups {layer.groups}); "
-                          "only 1x1 convolutions are supported")
-    return LoraConv1x1(layer, spec.rank, spec.scaling, spec.freeze_a, g)
+def _refusal(name: str, layer: nn.Module, model: nn.Module) -> str | None:
+    """Why ``layer`` (matched by the targets) cannot take LoRA, in the user's terms."""
+    parent_name = name.rpartition(".")[0]
+    if isinstance(layer, nn.Linear) and isinstance(model.get_submodule(parent_name), nn.MultiheadAttention):
+        return (f"it is the output projection of nn.MultiheadAttention {parent_name!r}, which reads its weight "
+                f"directly; target the attention module {parent_name.rpartition('.')[2]!r} instead (LoRA then "
+                "adapts its q, k, v and output projections)")
+    wrapper = next((w for w in WRAPPERS if isinstance(layer, w.kinds)), None)
+    if wrapper is not None:
+        return None
+    hint = next((h for kind, h in _HINTS if isinstance(layer, kind)), None)
+    if hint is None:
+        children = [n for n, m in layer.named_modules() if n and any(isinstance(m, w.kinds) for w in WRAPPERS)]
+        hint = (f"name the layers inside it instead, e.g. {children[:4]}" if children
+                else "it holds no layer LoRA wraps; pick another method (BitFit, SelectiveSpec)")
+    return f"it is a {type(layer).__name__}: {hint}"
+
+
+def lora_targets(model: nn.Module, spec: LoraSpec) -> list[tuple[str, nn.Module]]:
+    """The modules the spec's targets name, each checked to be wrappable (TargetError naming
+    the module, the reason and the fix otherwise)."""
+    hits = [(n, m) for n, m in model.named_modules() if n and name_matches(n, spec.targets, spec.target_pattern)]
+    if not hits:
+        kinds = tuple(k for w in WRAPPERS for k in w.kinds)
+        have = [n for n, m in model.named_modules() if n and isinstance(m, kinds)]
+        short = sorted({n.rsplit('.', 1)[-1] for n in have})
+        raise TargetError(f"LoRA: no layer matches targets {list(spec.targets)}"
+                          + (f" / pattern {spec.target_pattern!r}" if spec.target_pattern else "")
+                          + f"; the model's layers LoRA can wrap are named {short} (e.g. {have[:3]})")
+    for name, layer in hits:
+        why = _refusal(name, layer, model)
+        if why is None:
+            why = next(w for w in WRAPPERS if isinstance(layer, w.kinds)).refusal(layer, spec.freeze_a)
+        if why is not None:
+            raise TargetError(f"LoRA cannot wrap {name!r}: {why}. LoRA wraps {SUPPORTED}")
+    return hits
 
 
 def inject_lora(model: nn.Module, spec: LoraSpec, ctx: InjectContext) -> list[Trainable]:
     g = torch.Generator().manual_seed(spec.init_seed)
     out: list[Trainable] = []
-    for mod_name, layer in find_modules(model, spec.targets, spec.target_pattern, (nn.Linear, nn.Conv2d), "LoRA"):
-        wrapped = _wrap(layer, mod_name, spec, g)
+    for mod_name, layer in lora_targets(model, spec):
+        cls = next(w.cls for w in WRAPPERS if isinstance(layer, w.kinds))
+        wrapped = cls(layer, spec.rank, spec.scaling, spec.freeze_a, g)
         set_submodule(model, mod_name, wrapped)
-        for t in declare(mod_name, wrapped.adapter_params(), "lora"):
-            # PEFT stores LoRA matrices as `<module>.lora_A.weight`.
-            out.append(Trainable(t.name, t.peft_key + ".weight", t.method, t.param))
+        out += _declare(mod_name, wrapped)
+    disable_fast_paths(model)
     if spec.modules_to_save:
         out += select_modules(model, spec.modules_to_save, "modules_to_save")
+    return out
+
+
+def _declare(mod_name: str, wrapped: LoraBase) -> list[Trainable]:
+    """The wrapper's trainables (and those of LoRA layers inside it: an attention module's
+    out_proj), with PEFT's keys (`<module>.lora_A.weight`, `<module>.lora_embedding_A`)."""
+    out = []
+    for sub_name, sub in wrapped.named_modules():
+        if isinstance(sub, LoraBase):
+            full = f"{mod_name}.{sub_name}" if sub_name else mod_name
+            out += [Trainable(t.name, t.peft_key + sub.PEFT_SUFFIX, t.method, t.param)
+                    for t in declare(full, sub.adapter_params(), "lora")]
     return out
