@@ -249,7 +249,8 @@ def main(argv: Sequence[str] | None = None) -> dict:
                                        "up": _mean([_mean(r["bytes_up_per_device"]) for r in runs["fleet"]["rounds"]])},
         "runs": {n: {"wall_seconds": r["wall_seconds"], "rounds": r["rounds"]} for n, r in runs.items()},
         "trainable_params": runs["fleet"]["trainable_params"], "backend": args.backend,
-        "machine": start, "loadavg_end": list(__import__("os").getloadavg()),
+        "machine": start, "flwr": __import__("importlib.metadata").metadata.version("flwr"),
+        "ray": __import__("importlib.metadata").metadata.version("ray"), "loadavg_end": list(__import__("os").getloadavg()),
         "command": "python -m examples.fleet" + (" --smoke" if args.smoke else ""),
     }
     png = out / "fleet_rounds.png"

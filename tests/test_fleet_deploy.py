@@ -64,6 +64,7 @@ def test_superlink_and_supernodes_survive_a_killed_device(tmp_path):
         for i in (0, 1):  # the two survivors each trained in both rounds
             assert fed.node_log(i).count("Receiving: train message") == 2
     rounds = doc["rounds"]
+    after_kill = round(time.time() - t_kill, 1)
     print(f"\nround 1 after the kill: {rounds[0]['replies']} replies, {rounds[0]['failures']} failures; "
           f"run finished {time.time() - t_kill:.0f} s after the kill", file=sys.stderr)
     assert [r["round"] for r in rounds] == [1, 2]
@@ -87,3 +88,22 @@ def test_superlink_and_supernodes_survive_a_killed_device(tmp_path):
         assert all(np.isfinite(x) for x in losses)
     finally:
         dev.close()
+    _record(doc, after_kill, budgets, res)
+
+
+def _record(doc: dict, after_kill: float, budgets: list, res) -> None:
+    """What `make fleet-test` measured, for the README (benchmarks/results/examples/fleet_deploy.json)."""
+    from benchmarks.common import RESULTS, machine
+
+    keep = ("round", "sampled", "replies", "failures", "bytes_down_per_device", "bytes_up_per_device", "version")
+    from importlib.metadata import version
+
+    out = {"command": "make fleet-test", "machine": machine(), "flwr": version("flwr"), "supernodes": 3, "killed": "supernode 2, in round 1",
+           "memory_budgets": budgets, "backend": "portable", "run_seconds_after_kill": after_kill,
+           "rounds": [{k: r.get(k) for k in keep} | {"train_peak_bytes": [m["train-peak-bytes"] for m in r["train_per_device"]],
+                                                      "eval_accuracy": (r.get("evaluate") or {}).get("eval-accuracy")}
+                      for r in doc["rounds"]],
+           "final_version": doc["version"], "final_adapter_verified": True,
+           "final_adapter_check": {"loss": res.loss, "accuracy": res.accuracy, "n": res.n}}
+    (RESULTS / "examples").mkdir(parents=True, exist_ok=True)
+    (RESULTS / "examples" / "fleet_deploy.json").write_text(json.dumps(out, indent=1) + "\n")
