@@ -74,7 +74,7 @@ def _build_base() -> bytes:
 
 
 BASE = _build_base()
-_REAL: list[bytes] = []
+_REAL: list = []  # [bundle bytes, its zip entries]
 
 
 def real_base() -> bytes:
@@ -90,7 +90,14 @@ def real_base() -> bytes:
                           methods=[LoraSpec(rank=2, alpha=4.0, targets=("query", "value"),
                                             modules_to_save=("classifier",))])
             _REAL.append(out.read_bytes())
+            _REAL.append(_entries(_REAL[0]))
     return _REAL[0]
+
+
+def real_entries() -> list[tuple[zipfile.ZipInfo, bytes]]:
+    """The real bundle's zip entries (read once)."""
+    real_base()
+    return _REAL[1]
 
 
 def _entries(data: bytes) -> list[tuple[zipfile.ZipInfo, bytes]]:
@@ -98,12 +105,22 @@ def _entries(data: bytes) -> list[tuple[zipfile.ZipInfo, bytes]]:
         return [(i, z.read(i)) for i in z.infolist()]
 
 
-def _zip(entries: list[tuple[zipfile.ZipInfo | str, bytes]]) -> bytes:
+def _zip(entries: list[tuple[zipfile.ZipInfo | str, bytes]], *, stored: bool = False) -> bytes:
+    """A zip of ``entries``; ``stored``: uncompressed (the real bundle's 1.5 MB would otherwise
+    cost most of an attempt's time in deflate)."""
     buf = io.BytesIO()
     with zipfile.ZipFile(buf, "w", compression=zipfile.ZIP_DEFLATED) as z:
         for info, data in entries:
-            z.writestr(info, data)
+            z.writestr(_stored(info) if stored else info, data)
     return buf.getvalue()
+
+
+def _stored(info: zipfile.ZipInfo | str) -> zipfile.ZipInfo:
+    out = zipfile.ZipInfo(info) if isinstance(info, str) else zipfile.ZipInfo(info.filename, info.date_time)
+    if not isinstance(info, str):
+        out.external_attr = info.external_attr
+    out.compress_type = zipfile.ZIP_STORED
+    return out
 
 
 def attempt(data: bytes, test: str) -> str:
@@ -251,7 +268,7 @@ def _set(obj, path, value, delete=False):
 def manifests(draw) -> bytes:
     """A manifest.json for the real bundle: edited fields (values, deletions), raw bytes, deep
     nesting, or rewritten member hashes."""
-    BASE_MANIFEST = json.loads(dict((i.filename, d) for i, d in _entries(real_base()))[names.MANIFEST])
+    BASE_MANIFEST = json.loads(dict((i.filename, d) for i, d in real_entries())[names.MANIFEST])
     kind = draw(st.sampled_from(["edit", "edit", "edit", "edit", "raw", "deep", "hash"]))
     if kind == "raw":
         return draw(st.binary(max_size=256) | st.text(max_size=256).map(str.encode))
@@ -286,8 +303,8 @@ def _get(obj, path):
 @fuzz_settings(300)
 @given(manifests())
 def _fuzz_manifest(manifest_bytes):
-    entries = [(i, manifest_bytes if i.filename == names.MANIFEST else d) for i, d in _entries(real_base())]
-    attempt(_zip(entries), "manifest")
+    entries = [(i, manifest_bytes if i.filename == names.MANIFEST else d) for i, d in real_entries()]
+    attempt(_zip(entries, stored=True), "manifest")
 
 
 @pytest.mark.timeout(600)
@@ -385,7 +402,7 @@ def _craft(draw, member: str, old: bytes, contents: dict[str, bytes]) -> bytes:
 @st.composite
 def crafted_members(draw) -> bytes:
     """The real bundle with one or two members rewritten and their sha256 updated in the manifest."""
-    entries = _entries(real_base())
+    entries = real_entries()
     contents = {i.filename: d for i, d in entries}
     manifest = json.loads(contents[names.MANIFEST])
     for member in draw(st.lists(st.sampled_from(CRAFTED), min_size=1, max_size=2, unique=True)):
@@ -393,7 +410,7 @@ def crafted_members(draw) -> bytes:
         manifest["members"][member] = sha256_bytes(new)
         contents[member] = new
     contents[names.MANIFEST] = json.dumps(manifest).encode()
-    return _zip([(i, contents[i.filename]) for i, _ in entries])
+    return _zip([(i, contents[i.filename]) for i, _ in entries], stored=True)
 
 
 @fuzz_settings(200)
