@@ -36,6 +36,7 @@ def test_every_example_is_in_the_smoke_set():
 
     import examples
 
-    found = {p.stem for p in Path(examples.__file__).parent.glob("*.py") if not p.stem.startswith("_")}
+    # byom is no Personalizer loop: tests/test_user_models.py runs it.
+    found = {p.stem for p in Path(examples.__file__).parent.glob("*.py") if not p.stem.startswith("_")} - {"byom"}
     listed = {s if isinstance(s, str) else s.values[0] for s in SMOKES}
     assert found == listed
