@@ -251,7 +251,6 @@ BAD = [
     ("houlsby-without-sites", lambda: _Plain(), [BottleneckSpec()], "TargetError", "PEFT_SITES"),
     ("parallel-without-slot", lambda: _Plain(), [BottleneckSpec(kind="parallel")], "TargetError", "parallel-FFN slot"),
     ("bitfit-without-biases", lambda: _Plain(bias=False), [BitFitSpec()], "TargetError", "no bias terms"),
-    ("lora-on-3x3-conv", lambda: _Plain(), [LoraSpec(targets=("conv",))], "TargetError", "not pointwise"),
     ("lora-targets-nothing", lambda: _Plain(), [LoraSpec(targets=("query",))], "TargetError", "named ['conv', 'fc']"),
     ("hybrid-overlap", lambda: _Plain(), [LoraSpec(targets=("fc",), modules_to_save=("conv",)), BitFitSpec()],
      "SpecError", "claimed by both"),
