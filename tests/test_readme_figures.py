@@ -207,6 +207,7 @@ def test_readme_tolerances_and_counts_are_the_tests():
     interop = _source("test_peft_interop.py")
     assert 'INTEROP_ATOL = {"none": 1e-5, "int8": 3e-3}' in interop
     assert "to 1e-5 over an fp32 base and to 3e-3 over the int8 base" in readme
+    assert "\nBOUND = 0.20\n" in _source("test_memory.py") and "phase within 20% until" in readme
 
 
 def test_guarantee_figures_record_no_failures():
