@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import subprocess
 import sys
@@ -46,6 +47,9 @@ def main() -> None:
     a = ap.parse_args()
     if a.child:
         return child(a.child, a.steps)
+    from edgepeft.provenance import machine
+
+    start = machine()
     if not BUNDLE.exists():
         from edgepeft.exporters import export_bundle, load_model
         from edgepeft.specs import LoraSpec
@@ -71,8 +75,10 @@ def main() -> None:
     ratios = {"step_time_portable_over_ort": p["median_step_s"] / o["median_step_s"],
               "peak_rss_portable_over_ort": p["peak_rss_mb"] / o["peak_rss_mb"]}
     OUT.mkdir(parents=True, exist_ok=True)
-    (OUT / "portable_vs_ort.json").write_text(json.dumps({"rows": rows, "ratios": ratios, "reps": a.reps,
-                                                          "steps": a.steps}, indent=2))
+    (OUT / "portable_vs_ort.json").write_text(json.dumps({
+        "command": " ".join(["python -m benchmarks.portable_vs_ort", *sys.argv[1:]]), "machine": start,
+        "loadavg_end": list(os.getloadavg()), "rows": rows, "ratios": ratios, "reps": a.reps,
+        "steps": a.steps}, indent=2))
     md = ["| backend | median step (s) | peak RSS (MiB, process) | train peak above start (MiB) | final loss |",
           "|---|---|---|---|---|"]
     for b, r in rows.items():
