@@ -34,6 +34,7 @@ COMMAND = re.compile(r"`(?:make \w|\.venv/bin/python -m |python -m |edgepeft )[^
 # A number as a figure: not glued to a name on its left (int8, r8, Q4_K, top-1), not followed by
 # a letter (270M, 262k, 1e-5, 2x2) except a ratio's x; a version (1.19.2) is not a figure.
 NUMBER = re.compile(r"(?<![\w.])(?<![A-Za-z]-)(?P<n>\d{1,3}(?:,\d{3})+(?:\.\d+)?|\d+(?:\.\d+)?)(?=x\b|(?![\w.]|\.\d))")
+SEPARATOR = re.compile(r"^\|[-:| ]+\|$")
 NUMBER_LOOSE = re.compile(r"\d+(?:\.\d+)?")
 # Names that hold a number (models, devices, papers' tables): not figures.
 NAMES = re.compile(r"Gemma 3|Table 2|Pi [45]|Pi Zero 2 W|Python 3\b|\(\d\)")
@@ -50,29 +51,32 @@ LEGACY: dict[str, str] = {
 
 
 def tables(text: str) -> list[dict]:
-    """Every markdown table: its first line number, lines, marker paths (or None) and the prose
-    since the previous table or heading."""
+    """Every markdown table outside code blocks: its first line number, lines, marker paths (or
+    None) and the prose since the previous table or heading."""
     lines = text.splitlines()
-    found, i, prose_start = [], 0, 0
+    found, i, prose_start, in_code = [], 0, 0, False
     while i < len(lines):
         line = lines[i]
-        if line.startswith("#") or (line.startswith("|") and i + 1 < len(lines) and re.match(r"^\|[-:| ]+\|$", lines[i + 1])):
-            if line.startswith("#"):
-                prose_start = i + 1
-                i += 1
-                continue
-            j = i
-            while j < len(lines) and lines[j].startswith("|"):
-                j += 1
-            m = MARKER.match(lines[i - 1]) if i else None
-            prose = "\n".join(lines[prose_start:i - 1 if m else i])
-            if not prose.strip() and found and found[-1]["line"] + len(found[-1]["rows"]) >= prose_start - 1:
-                prose = found[-1]["prose"]  # two tables in a row share the prose above the first
-            found.append({"line": i + 1, "rows": lines[i:j], "paths": m.group("paths").split() if m else None,
-                          "prose": prose})
-            prose_start, i = j, j
+        in_code ^= line.startswith("```")
+        if in_code:
+            i += 1
             continue
-        i += 1
+        if line.startswith("#"):
+            prose_start, i = i + 1, i + 1
+            continue
+        if not (line.startswith("|") and i + 1 < len(lines) and SEPARATOR.match(lines[i + 1])):
+            i += 1
+            continue
+        j = i
+        while j < len(lines) and lines[j].startswith("|"):
+            j += 1
+        m = MARKER.match(lines[i - 1]) if i else None
+        prose = "\n".join(lines[prose_start:i - 1 if m else i])
+        if not prose.strip() and found and found[-1]["line"] + len(found[-1]["rows"]) >= prose_start - 1:
+            prose = found[-1]["prose"]  # two tables in a row share the prose above the first
+        found.append({"line": i + 1, "rows": lines[i:j], "paths": m.group("paths").split() if m else None,
+                      "prose": prose})
+        prose_start, i = j, j
     return found
 
 
@@ -171,7 +175,8 @@ def test_legacy_list_is_current():
 def test_the_checker_finds_unsourced_figures(tmp_path):
     res = tmp_path / "r.json"
     res.write_text(json.dumps({"acc": 0.9504, "n": 60, "ratio": 0.0912, "cmd": "took 1,234.5 s"}))
-    ok = f"`python -m x`\n\n<!-- results: {res} -->\n| a (60) | b |\n|---|---|\n| **0.950** | 0.09x, 1,234.5 s, r8, `7` |\n"
+    ok = (f"`python -m x`\n\n<!-- results: {res} -->\n| a (60) | b |\n|---|---|\n"
+          "| **0.950** | 0.09x, 1,234.5 s, r8, `7` |\n")
     bad = ok.replace("0.09x", "0.10x")
     bare = "| a | b |\n|---|---|\n| 1 | 2 |\n"
     (t_ok,), (t_bad,), (t_bare,) = tables(ok), tables(bad), tables(bare)
@@ -181,6 +186,8 @@ def test_the_checker_finds_unsourced_figures(tmp_path):
     assert "0.10" not in have and t_bad["paths"] and t_bare["paths"] is None
     assert figures("| int8 r8 top-1 Q4_K 1e-5 1.19.2 270M 262k-token | -0.04% +7.17% 0.17-0.40 |") == [
         "0.04", "7.17", "0.17", "0.40"]
+    # A table inside a code block is not a README table; one after it still needs its marker.
+    assert tables("```\n| 1 | 2 |\n|---|---|\n```\n") == [] and len(tables("```\n# x\n```\n" + bare)) == 1
 
 
 # -- tolerances the README quotes are the ones the tests assert -----------------------------------
