@@ -147,6 +147,9 @@ class Personalizer:
     def add(self, user: str, samples: Sequence[Example | Mapping[str, Any]]) -> RoundResult | None:
         """Persist ``samples`` of ``user`` (durably, before anything else), then run a round if
         ``every`` new samples have come in since the last one. Returns that round, or None."""
+        if isinstance(samples, (str, bytes, Mapping, Example)):
+            raise DataError(f"add() takes a list of samples (Examples or mappings), got one {type(samples).__name__}: "
+                            "pass [sample]")
         buf = self.buffer(user)
         buf.add([self._to_record(s) for s in samples])
         if self.config.every and buf.last_seq - self._user_state(user).last_seq >= self.config.every:

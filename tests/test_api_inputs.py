@@ -115,3 +115,13 @@ def test_update_guard_is_part_of_the_public_api():
     from edgepeft.runtime import UpdateGuard
 
     assert UpdateGuard(max_ratio=100).floor == 0.1
+
+
+def test_personalizer_add_takes_a_list(session, tmp_path):
+    from edgepeft.runtime import Personalizer, PersonalizerConfig
+
+    p = Personalizer(session, tmp_path / "loop", PersonalizerConfig(every=0))
+    for bad in ("a lovely film", Example("a lovely film", "pos"), {"text": "x", "label": "pos"}):
+        with pytest.raises(DataError, match="takes a list of samples"):
+            p.add("alice", bad)
+    assert p.add("alice", [Example("a lovely film", "pos")]) is None
