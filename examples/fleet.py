@@ -14,7 +14,9 @@ fleet's accuracy after each round (PNG)."""
 from __future__ import annotations
 
 import json
+import os
 import random
+import shutil
 import sys
 import time
 from dataclasses import dataclass
@@ -153,33 +155,9 @@ def plot(path: Path, curves: dict[str, list[dict]], lines: dict[str, float], tit
     plt.close(fig)
 
 
-def main(argv: Sequence[str] | None = None) -> dict:
-    args = parse_args("fleet", __doc__, argv)
-    z = SMOKE if args.smoke else FULL
-    t0 = time.perf_counter()
-    out = fresh_dir(args.out)
-    import shutil
-
-    for sub in ("fleet", "fleet_dp", "fleet_int8", "keys"):
-        shutil.rmtree(out / sub, ignore_errors=True)
-    from edgepeft.specs import LoraSpec
-
-    bundle = export(out, "minilm", [LoraSpec(rank=8, alpha=16, targets=("query", "value"),
-                                             modules_to_save=("classifier",), freeze_a=True)],
-                    backend=args.backend, isolated=True, max_length=z.max_length, labels=TOPICS)
-    from benchmarks.common import machine
-    from edgepeft.fleet.device import Device, DeviceSettings
-    from edgepeft.fleet.personal import adopt_fleet
+def fleets(out: Path, bundle: Path, users: dict, z: FleetSizes, args, key: Path) -> tuple[dict, dict]:
+    """The three Flower runs: plain, DP (epsilon <= z.epsilon) and int8 uploads."""
     from edgepeft.fleet.server import epsilon_after, noise_for_epsilon
-    from edgepeft.fleet.signed import load_published
-    from edgepeft.fleet.simulate import seed_samples
-    from edgepeft.signing import generate_key
-
-    start = machine()
-    key = generate_key(out / "keys" / "fleet")[0]
-    users = make_users(z)
-    say(f"{len(users)} users, {z.n_device} articles on each device, {z.n_test} test articles each; topics: "
-        + "; ".join(f"{u} {'/'.join(d['topics'])}" for u, d in list(users.items())[:4]) + " ...")
 
     runs = {"fleet": run_fleet("fleet", out, bundle, users, z, args, key)}
     # The DP clipping norm: the median update norm the devices sent in the non-private run's
@@ -191,18 +169,16 @@ def main(argv: Sequence[str] | None = None) -> dict:
         f"{epsilon_after(z.rounds, noise, len(users), z.delta):.3f} after {z.rounds} rounds at delta {z.delta:g}")
     runs["fleet_dp"] = run_fleet("fleet_dp", out, bundle, users, z, args, key, dp_noise=noise, dp_clip=clip)
     runs["fleet_int8"] = run_fleet("fleet_int8", out, bundle, users, z, args, key, int8=True)
+    return runs, {"noise_multiplier": noise, "clip": clip, "delta": z.delta}
 
-    # The device-side evaluations, local-only training and personalization: this process, as
-    # one device holding every user's adapter (its store in out/adapters, buffers in out/loop).
-    root = out
-    seed_samples(root, {**{u: d["device"] for u, d in users.items()},
-                                "union": [a for d in users.values() for a in d["device"]]})
-    dev = Device(DeviceSettings(bundle=str(bundle), root=str(root), memory_budget=args.budget,
-                                backend=args.backend, lr=LR, batch_size=z.batch, threads=args.threads,
-                                personal_steps=z.steps * 2))
-    curves = {name: curve(dev, users, runs[name], key) for name in runs}
-    initial = curves["fleet"][0]
 
+def baselines(dev, users: dict, z: FleetSizes, runs: dict, key: Path) -> dict:
+    """Local-only (each user alone, the same local steps), centralized (the union), and the
+    fleet adapter personalized on each device behind the guardrail."""
+    from edgepeft.fleet.personal import adopt_fleet
+    from edgepeft.fleet.signed import load_published
+
+    pub = Path(runs["fleet"]["settings"]["out"]) / "published"
     t = time.perf_counter()
     local_acc = {}
     for u in users:
@@ -213,68 +189,106 @@ def main(argv: Sequence[str] | None = None) -> dict:
     say(f"local-only ({z.rounds * z.steps} steps per user, alone): mean accuracy {local['accuracy']:.3f}")
 
     t = time.perf_counter()
-    union_tensors, _, _ = dev.train("union", load_published(Path(runs["fleet"]["settings"]["out"]) / "published",
-                                                            bundle_sha256=dev.bundle_sha, trusted_keys=None,
-                                                            round_=0)[0], steps=z.central_steps, seed="union")
-    central = evaluate_on_users(dev, users, union_tensors)
+    start = load_published(pub, bundle_sha256=dev.bundle_sha, trusted_keys=None, round_=0)[0]
+    central = evaluate_on_users(dev, users, dev.train("union", start, steps=z.central_steps, seed="union")[0])
     central["seconds"] = round(time.perf_counter() - t, 1)
     say(f"centralized ({z.central_steps} steps on the union): mean accuracy {central['accuracy']:.3f}")
 
-    fleet_final = load_published(Path(runs["fleet"]["settings"]["out"]) / "published", bundle_sha256=dev.bundle_sha,
-                                 trusted_keys=[str(key) + ".pub"])[0]
+    fleet_final = load_published(pub, bundle_sha256=dev.bundle_sha, trusted_keys=[str(key) + ".pub"])[0]
     personal_acc, adopted = {}, 0
     for u in users:
-        a = adopt_fleet(dev, u, fleet_final, mix=1.0)
-        adopted += a.accepted
+        adopted += adopt_fleet(dev, u, fleet_final, mix=1.0).accepted
         dev.personalizer.activate(u)
         personal_acc[u] = evaluate_on_users(dev, {u: users[u]}, None)["accuracy"]
     personal = {"accuracy": _mean(list(personal_acc.values())), "per_user": personal_acc, "adopted": adopted}
     say(f"fleet + personalization: mean accuracy {personal['accuracy']:.3f} ({adopted} of {len(users)} adopted the fleet's)")
-    dev.close()
+    return {"local_only": local, "centralized": central, "fleet_personalized": personal}
+
+
+def summarize(z: FleetSizes, users: dict, runs: dict, dp: dict, curves: dict, base: dict, args, start: dict) -> dict:
+    from importlib.metadata import version
 
     final = {name: c[-1] for name, c in curves.items()}
     dp_gap = final["fleet"]["accuracy"] - final["fleet_dp"]["accuracy"]
-    int8_cost = final["fleet"]["accuracy"] - final["fleet_int8"]["accuracy"]
-    rounds_dp = runs["fleet_dp"]["rounds"]
-    result = {
+    up = {n: _mean([_mean(r["bytes_up_per_device"]) for r in runs[n]["rounds"]]) for n in runs}
+    return {
         "sizes": z.__dict__, "users": {u: list(d["topics"]) for u, d in users.items()},
-        "initial": initial, "fleet": final["fleet"], "fleet_dp": final["fleet_dp"], "fleet_int8": final["fleet_int8"],
-        "local_only": local, "centralized": central, "fleet_personalized": personal, "curves": curves,
-        "dp": {"noise_multiplier": noise, "clip": clip, "delta": z.delta,
-               "epsilon_per_round": [r.get("epsilon") for r in rounds_dp], "accuracy_gap_points": 100 * dp_gap,
-               "target_points": 3.0, "met": 100 * dp_gap <= 3.0},
-        "int8": {"accuracy_cost_points": 100 * int8_cost,
-                 "bytes_up_per_device_per_round": _mean([_mean(r["bytes_up_per_device"]) for r in runs["fleet_int8"]["rounds"]])},
-        "bytes_per_device_per_round": {"down": runs["fleet"]["rounds"][0]["bytes_down_per_device"],
-                                       "up": _mean([_mean(r["bytes_up_per_device"]) for r in runs["fleet"]["rounds"]])},
+        "initial": curves["fleet"][0], **final, **base, "curves": curves,
+        "dp": {**dp, "epsilon_per_round": [r.get("epsilon") for r in runs["fleet_dp"]["rounds"]],
+               "accuracy_gap_points": 100 * dp_gap, "target_points": 3.0, "met": 100 * dp_gap <= 3.0},
+        "int8": {"accuracy_cost_points": 100 * (final["fleet"]["accuracy"] - final["fleet_int8"]["accuracy"]),
+                 "bytes_up_per_device_per_round": up["fleet_int8"]},
+        "bytes_per_device_per_round": {"down": runs["fleet"]["rounds"][0]["bytes_down_per_device"], "up": up["fleet"]},
         "runs": {n: {"wall_seconds": r["wall_seconds"], "rounds": r["rounds"]} for n, r in runs.items()},
         "trainable_params": runs["fleet"]["trainable_params"], "backend": args.backend,
-        "machine": start, "flwr": __import__("importlib.metadata").metadata.version("flwr"),
-        "ray": __import__("importlib.metadata").metadata.version("ray"), "loadavg_end": list(__import__("os").getloadavg()),
+        "machine": start, "flwr": version("flwr"), "ray": version("ray"), "loadavg_end": list(os.getloadavg()),
         "command": "python -m examples.fleet" + (" --smoke" if args.smoke else ""),
     }
+
+
+def table(res: dict) -> list[tuple[str, str, str]]:
+    b = f"{res['initial']['accuracy']:.3f}"
+    eps = res["dp"]["epsilon_per_round"][-1] or 0.0
+    return [("fleet adapter (accuracy)", b, f"{res['fleet']['accuracy']:.3f}"),
+            ("local-only", b, f"{res['local_only']['accuracy']:.3f}"),
+            ("fleet + personalization", b, f"{res['fleet_personalized']['accuracy']:.3f}"),
+            ("centralized", b, f"{res['centralized']['accuracy']:.3f}"),
+            (f"fleet, DP eps {eps:.2f}", b,
+             f"{res['fleet_dp']['accuracy']:.3f} (gap {res['dp']['accuracy_gap_points']:.1f} points)"),
+            ("fleet, int8 uploads", b,
+             f"{res['fleet_int8']['accuracy']:.3f} (cost {res['int8']['accuracy_cost_points']:.1f} points)")]
+
+
+def main(argv: Sequence[str] | None = None) -> dict:
+    args = parse_args("fleet", __doc__, argv)
+    z = SMOKE if args.smoke else FULL
+    t0 = time.perf_counter()
+    out = fresh_dir(args.out)
+    for sub in ("fleet", "fleet_dp", "fleet_int8", "keys"):
+        shutil.rmtree(out / sub, ignore_errors=True)
+    from edgepeft.specs import LoraSpec
+
+    bundle = export(out, "minilm", [LoraSpec(rank=8, alpha=16, targets=("query", "value"),
+                                             modules_to_save=("classifier",), freeze_a=True)],
+                    backend=args.backend, isolated=True, max_length=z.max_length, labels=TOPICS)
+    from benchmarks.common import machine
+    from edgepeft.fleet.device import Device, DeviceSettings
+    from edgepeft.fleet.simulate import seed_samples
+    from edgepeft.signing import generate_key
+
+    start = machine()
+    key = generate_key(out / "keys" / "fleet")[0]
+    users = make_users(z)
+    say(f"{len(users)} users, {z.n_device} articles on each device, {z.n_test} test articles each; topics: "
+        + "; ".join(f"{u} {'/'.join(d['topics'])}" for u, d in list(users.items())[:4]) + " ...")
+    runs, dp = fleets(out, bundle, users, z, args, key)
+
+    # The device-side evaluations, local-only training and personalization: this process, as
+    # one device holding every user's adapter (its store in out/adapters, buffers in out/loop).
+    seed_samples(out, {**{u: d["device"] for u, d in users.items()},
+                       "union": [a for d in users.values() for a in d["device"]]})
+    dev = Device(DeviceSettings(bundle=str(bundle), root=str(out), memory_budget=args.budget, backend=args.backend,
+                                lr=LR, batch_size=z.batch, threads=args.threads, personal_steps=z.steps * 2))
+    curves = {name: curve(dev, users, runs[name], key) for name in runs}
+    base = baselines(dev, users, z, runs, key)
+    dev.close()
+
+    result = summarize(z, users, runs, dp, curves, base, args, start)
     png = out / "fleet_rounds.png"
-    plot(png, {"fleet": curves["fleet"], f"fleet, DP (eps {rounds_dp[-1].get('epsilon', 0):.1f})": curves["fleet_dp"],
-               "fleet, int8 uploads": curves["fleet_int8"]},
-         {"local-only (mean)": local["accuracy"], "centralized": central["accuracy"],
-          "fleet + personalization": personal["accuracy"]},
+    plot(png, {"fleet": curves["fleet"], f"fleet, DP (eps {result['dp']['epsilon_per_round'][-1] or 0:.1f})":
+               curves["fleet_dp"], "fleet, int8 uploads": curves["fleet_int8"]},
+         {"local-only (mean)": base["local_only"]["accuracy"], "centralized": base["centralized"]["accuracy"],
+          "fleet + personalization": base["fleet_personalized"]["accuracy"]},
          f"MiniLM LoRA-FA, {len(users)} BBC News users, {z.rounds} rounds x {z.steps} local steps")
     if not args.smoke:
         RESULTS.mkdir(parents=True, exist_ok=True)
         (RESULTS / "fleet.json").write_text(json.dumps(result, indent=1, default=str) + "\n")
         shutil.copy(png, RESULTS / "fleet_rounds.png")
         say(f"results: {RESULTS / 'fleet.json'}, {RESULTS / 'fleet_rounds.png'}")
-    rows = [("fleet adapter (accuracy)", f"{initial['accuracy']:.3f}", f"{final['fleet']['accuracy']:.3f}"),
-            ("local-only", f"{initial['accuracy']:.3f}", f"{local['accuracy']:.3f}"),
-            ("fleet + personalization", f"{initial['accuracy']:.3f}", f"{personal['accuracy']:.3f}"),
-            ("centralized", f"{initial['accuracy']:.3f}", f"{central['accuracy']:.3f}"),
-            (f"fleet, DP eps {rounds_dp[-1].get('epsilon') or 0:.2f}", f"{initial['accuracy']:.3f}",
-             f"{final['fleet_dp']['accuracy']:.3f} (gap {100 * dp_gap:.1f} points)"),
-            ("fleet, int8 uploads", f"{initial['accuracy']:.3f}",
-             f"{final['fleet_int8']['accuracy']:.3f} (cost {100 * int8_cost:.1f} points)")]
-    result["before"] = {"loss": initial["loss"], "accuracy": initial["accuracy"]}
-    result["after"] = {n: {"loss": final[n]["loss"], "accuracy": final[n]["accuracy"]} for n in final}
-    return report("fleet learning (MiniLM + BBC News, Flower simulation)", rows, result, out, t0)
+    result["before"] = {"loss": result["initial"]["loss"], "accuracy": result["initial"]["accuracy"]}
+    result["after"] = {n: {"loss": result[n]["loss"], "accuracy": result[n]["accuracy"]}
+                       for n in ("fleet", "fleet_dp", "fleet_int8")}
+    return report("fleet learning (MiniLM + BBC News, Flower simulation)", table(result), result, out, t0)
 
 
 if __name__ == "__main__":
