@@ -5,6 +5,7 @@ A backend computes; the session owns the adapter tensors and the optimizer, so t
 backend trains the same way and adapters move between backends unchanged."""
 from __future__ import annotations
 
+import re
 from contextlib import contextmanager
 from typing import Iterator, Mapping, Protocol, Sequence, runtime_checkable
 
@@ -14,6 +15,10 @@ from edgepeft.bundle import OpenedBundle
 from edgepeft.data import Batch
 from edgepeft.errors import BackendError, BundleError, DataError, EdgePeftError
 from edgepeft.manifest import BackendEntry
+
+
+# "/onnxruntime_src/.../module.cc:304 onnxruntime::...Module(...) " before "[ONNXRuntimeError]".
+_CPP_FRAME = re.compile(r"/onnxruntime_src/\S+:\d+ [^\[]*?(?=\[ONNXRuntimeError\])")
 
 
 @runtime_checkable
@@ -84,14 +89,18 @@ def engine_errors(backend: str, phase: str, *, members: Sequence[str] = ()) -> I
 def engine_error(backend: str, phase: str, e: BaseException, *, members: Sequence[str] = ()) -> EdgePeftError:
     """The EdgePeftError ``engine_errors`` raises for ``e`` (for code that cannot use a ``with``)."""
     what = f"{type(e).__name__}: {_first_lines(str(e))}"
+    # onnxruntime says which file it failed to load ("Load model from <path> failed"): name that one.
+    members = [m for m in members if m in str(e)] or list(members)
     if members:
-        return BundleError(f"{backend}: bundle member(s) {', '.join(map(repr, members))} failed to load in {phase} "
+        which = f"member{'s' if len(members) > 1 else ''} {', '.join(map(repr, members))}"
+        return BundleError(f"{backend}: bundle {which} failed to load in {phase} "
                            f"({what}); the bundle is corrupted or was altered: re-export or re-download it")
     return BackendError(f"{backend}: {phase} failed ({what}); check that the inputs match the bundle's "
                         "signature (`edgepeft inspect`), else the bundle's graphs are damaged: re-export it")
 
 
 def _first_lines(text: str, limit: int = 600) -> str:
-    """An engine's message, on one line and bounded (onnxruntime's carry C++ stack frames)."""
-    one = " ".join(text.split())
+    """An engine's message, on one line and bounded, without onnxruntime's C++ source locations
+    and signatures (the chained exception keeps them)."""
+    one = " ".join(_CPP_FRAME.sub("", text).split())
     return one if len(one) <= limit else one[:limit] + " ..."
