@@ -110,15 +110,6 @@ def test_cli_refuses_with_one_line(env, tmp_path, build, args, parts):
     assert not (d / "nodir").exists() and not (d / "d.edgepeft").exists()
 
 
-def test_export_into_an_existing_folder_still_works(env):
-    runner, d, *_ = env
-    out = d / "ok.edgepeft"
-    r = runner.invoke(main, ["export", "--model", "tiny-encoder", "--rank", "2", "--out", str(out),
-                             "--backend", "ort-training"])
-    assert r.exit_code == 0, r.output
-    assert out.is_file()
-
-
 def test_the_python_api_makes_missing_folders(tmp_path, bundle_int8):
     """write_bundle (export_bundle's last stage) makes missing parents, as documented; a parent
     that is a file is a PathError."""
