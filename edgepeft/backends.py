@@ -110,7 +110,7 @@ REGISTRY: dict[str, BackendRecord] = {r.name: r for r in (
         names.BACKEND_EXECUTORCH, loader="edgepeft.runtime.backends.executorch:ExecutorchBackend",
         requires=("executorch",),
         caps=Capabilities("train, evaluate, infer (XNNPACK), swap", "fixed",
-                          "executorch 1.5.1 (its Python runtime imports torch)",
+                          "executorch 1.5.1's runtime libraries (no torch) and g++ once, to build the runner",
                           batch_setting=names.EXECUTORCH_BATCH_SIZE),
         export="edgepeft.exporters.targets:build_executorch", members=("training_program", "inference_program"),
         settings={names.EXECUTORCH_BATCH_SIZE: int}),

@@ -204,6 +204,7 @@ def _training_program(injected: InjectedModel, loss_model: WithLoss, args: tuple
         step = _GradientModule(joint, list(injected.trainable_names),
                                {prefix + n: n for n in injected.trainable_names})
         ep = _export(step, (*args, *adapter), (*shapes, *[None] * len(adapter)))
+        _infer_symbolic_reshapes(ep.graph_module)
         lowered = to_edge_transform_and_lower(ep, partitioner=[_partitioner()])
         _split_leftover_addmm(lowered)
         return lowered.to_executorch().buffer
@@ -213,9 +214,29 @@ def _inference_program(injected: InjectedModel, inf: nn.Module, args: tuple, sha
     from executorch.exir import to_edge_transform_and_lower
 
     with _stage(injected.plan.what, "inference program"):
-        lowered = to_edge_transform_and_lower(_export(inf, args, shapes), partitioner=[_partitioner()])
+        ep = _export(inf, args, shapes)
+        _infer_symbolic_reshapes(ep.graph_module)
+        lowered = to_edge_transform_and_lower(ep, partitioner=[_partitioner()])
         _split_leftover_addmm(lowered)
         return lowered.to_executorch().buffer
+
+
+def _infer_symbolic_reshapes(gm: torch.fx.GraphModule) -> None:
+    """A reshape to a shape holding one symbolic size (the sequence) takes -1 there instead:
+    the same reshape, but one XNNPACK accepts. Each one it refuses splits the graph into
+    another delegate, and each delegate costs seconds of lowering (MiniLM's training graph had
+    351 such reshapes and 203 delegates) and a hand-over at run time."""
+    views = (torch.ops.aten.view.default, torch.ops.aten.reshape.default, torch.ops.aten._unsafe_view.default)
+    for node in gm.graph.nodes:
+        if node.target not in views:
+            continue
+        shape = list(node.args[1])
+        symbolic = [i for i, d in enumerate(shape) if not isinstance(d, int)]
+        if len(symbolic) == 1 and -1 not in shape:
+            shape[symbolic[0]] = -1
+            node.args = (node.args[0], shape, *node.args[2:])
+    gm.graph.eliminate_dead_code()
+    gm.recompile()
 
 
 def _split_leftover_addmm(lowered) -> None:

@@ -22,7 +22,7 @@ from edgepeft import names
 from edgepeft.bundle import OpenedBundle
 from edgepeft.data import Batch
 from edgepeft.errors import BackendError
-from edgepeft.runtime.backends.base import backend_entry, check_inputs
+from edgepeft.runtime.backends.base import backend_entry, check_inputs, engine_errors
 from edgepeft.runtime.batching import accumulate
 from edgepeft.runtime.losses import cross_entropy
 from edgepeft.runtime.native import Program, set_threads
@@ -38,12 +38,13 @@ class ExecutorchBackend:
             self.batch_size = int(entry.settings[names.EXECUTORCH_BATCH_SIZE])
             training, inference = entry.members["training_program"], entry.members["inference_program"]
         except (KeyError, ValueError) as e:
-            raise BackendError(f"the bundle's executorch entry is malformed ({e!r}); re-export the bundle") from None
+            raise BackendError(f"the bundle's {self.name} entry is malformed ({e!r}); re-export the bundle") from None
         if threads:
             set_threads(threads)
         self._inputs = [i.name for i in m.inputs]
         self._trainable = list(m.trainable_names)
-        self._train = Program(str(bundle.path(training)), what=f"the training program {training}")
+        with engine_errors(self.name, "loading the training program", members=[training]):
+            self._train = Program(str(bundle.path(training)), what=f"the training program {training}")
         expected = len(self._inputs) + 1 + len(self._trainable)
         if self._train.num_inputs != expected:
             # Bundles exported before edgepeft ran ExecuTorch without torch kept the adapter inside
@@ -78,7 +79,8 @@ class ExecutorchBackend:
 
     def _run(self, chunk: Batch) -> tuple[float, dict[str, np.ndarray]]:
         """Loss and gradients of one full-size chunk."""
-        loss, *grads = self._train.run([*(chunk.feeds[n] for n in self._inputs), chunk.labels, *self._adapter()])
+        with engine_errors(self.name, "the training step"):
+            loss, *grads = self._train.run([*(chunk.feeds[n] for n in self._inputs), chunk.labels, *self._adapter()])
         return float(loss), dict(zip(self._trainable, grads))
 
     # -- Backend Protocol ------------------------------------------------------------------
@@ -92,10 +94,13 @@ class ExecutorchBackend:
 
     def infer(self, feeds: Mapping[str, np.ndarray]) -> np.ndarray:
         if self._infer_program is None:
-            self._infer_program = Program(self._inference_path, what=f"the inference program {self._inference_member}")
+            with engine_errors(self.name, "loading the inference program", members=[self._inference_member]):
+                self._infer_program = Program(self._inference_path,
+                                              what=f"the inference program {self._inference_member}")
         adapter = self._adapter()
-        outs = [self._infer_program.run([*(chunk.feeds[n] for n in self._inputs), *adapter])[0][:real]
-                for real, chunk in self._chunks(feeds, None)]
+        with engine_errors(self.name, "inference"):
+            outs = [self._infer_program.run([*(chunk.feeds[n] for n in self._inputs), *adapter])[0][:real]
+                    for real, chunk in self._chunks(feeds, None)]
         return np.concatenate(outs)
 
     def named_parameters(self) -> dict[str, np.ndarray]:

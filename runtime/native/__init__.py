@@ -19,6 +19,11 @@ _CODES = {np.dtype(np.uint8): 0, np.dtype(np.int8): 1, np.dtype(np.int32): 3, np
           np.dtype(np.float32): 6, np.dtype(np.float64): 7, np.dtype(np.bool_): 11}
 _DTYPES = {code: dt for dt, code in _CODES.items()}
 _ERR = 512
+
+
+class ExecutorchError(RuntimeError):
+    """ExecuTorch refused to load or run a program (its error code in the message). The backend
+    turns it into BundleError/BackendError naming the member or phase (runtime.backends.base)."""
 _lib: ctypes.CDLL | None = None
 _lock = threading.Lock()
 
@@ -78,8 +83,7 @@ class Program:
         with _quiet_stderr():
             handle = self._lib.edgepeft_et_open(str(path).encode(), method.encode(), err, _ERR)
         if not handle:
-            raise BackendError(f"ExecuTorch cannot load {what} ({path}): {err.value.decode(errors='replace')}; "
-                               "the file is damaged or from another executorch version: re-export the bundle")
+            raise ExecutorchError(f"ExecuTorch cannot load {what} ({path}): {err.value.decode(errors='replace')}")
         self._handle = ctypes.c_void_p(handle)
         self.num_inputs = self._lib.edgepeft_et_num_inputs(self._handle)
 
@@ -98,8 +102,8 @@ class Program:
             (ctypes.c_int * n)(*[_CODES[a.dtype] for a in arrays]), (ctypes.c_int * n)(*[a.ndim for a in arrays]),
             (ctypes.c_int64 * max(1, len(shape)))(*shape), err, _ERR)
         if count < 0:
-            raise BackendError(f"ExecuTorch failed running {self.what}: {err.value.decode(errors='replace')} "
-                               f"(input shapes {[a.shape for a in arrays]})")
+            raise ExecutorchError(f"ExecuTorch failed running {self.what}: {err.value.decode(errors='replace')} "
+                                  f"(input shapes {[a.shape for a in arrays]})")
         return [self._output(i) for i in range(count)]
 
     def _output(self, i: int) -> np.ndarray:
