@@ -1,7 +1,8 @@
 """The ExecuTorch backend: programs in the bundle (int8 frozen base, fixed batch), parity with
 eager PyTorch and ONNX Runtime, padded and split batches, in-place swaps, adapters moving
-between backends, the CLI, refusals. One tiny-encoder export (ort-training + executorch) is
-shared by the module: ExecuTorch's export takes ~40 s even for a tiny model."""
+between backends, the CLI, refusals, a device process without torch. One tiny-encoder export
+(ort-training + executorch) is shared by the module: ExecuTorch's export takes ~40 s even for a
+tiny model."""
 from __future__ import annotations
 
 import json
@@ -149,12 +150,11 @@ def test_adapter_continues_on_the_other_backend(bundle, first, second):
         np.testing.assert_allclose(v, final[n], atol=1e-5, err_msg=n)
 
 
-def test_swap_is_in_place_and_exact(bundle):
+def test_swap_keeps_the_programs_and_is_exact(bundle):
     d, res = bundle
     s = _session(d, res, "executorch", adapter="alice", store="swap")
     batch = s.encoder.batch(EXAMPLES[:6])
-    live = s.backend._params  # the program's own parameter memory
-    before = {n: t.data_ptr() for n, t in live.items()}
+    program = s.backend._train  # the loaded training program (frozen base inside)
     for _ in range(5):
         s.train_step(batch)
     trained, _ = s.backend.eval_step(batch)
@@ -163,10 +163,67 @@ def test_swap_is_in_place_and_exact(bundle):
     assert s.backend.eval_step(batch)[0] != trained
     s.swap_adapter("alice")
     assert s.backend.eval_step(batch)[0] == trained
-    assert {n: t.data_ptr() for n, t in s.backend._params.items()} == before  # copied in, not replaced
+    assert s.backend._train is program  # the adapter is an input: swapping never reloads a program
     again = _session(d, res, "executorch", adapter="alice", store="swap")
     assert again.backend.eval_step(batch)[0] == trained
     assert (d / "swap" / "alice" / names.ADAPTER_WEIGHTS).is_file()
+
+
+DEVICE = """
+import json, sys
+from edgepeft.runtime import Example, OptimizerSpec, Session
+path, store, cache = sys.argv[1:4]
+ex = [Example(t, lab) for t, lab in json.loads(sys.argv[4])]
+s = Session.open(path, adapter="dev", store=store, cache_dir=cache, backend="executorch", threads=1,
+                 optimizer=OptimizerSpec(lr=1e-2))
+b = s.encoder.batch(ex)
+losses = [s.train_step(b) for _ in range(8)]
+s.save_adapter()
+trained = s.backend.eval_step(b)[0]
+s.swap_adapter("other", create=True)
+other = s.backend.eval_step(b)[0]
+s.swap_adapter("dev")
+print(json.dumps({"losses": losses, "trained": trained, "other": other, "back": s.backend.eval_step(b)[0],
+                  "logits": s.infer(b.feeds).tolist(), "torch": "torch" in sys.modules,
+                  "executorch": "executorch" in sys.modules}))
+"""
+
+
+def test_a_device_process_trains_swaps_saves_and_infers_without_torch(bundle):
+    """The whole device loop on the ExecuTorch programs in a fresh process: torch (and the
+    executorch Python package, whose bindings link libtorch) are never imported."""
+    import subprocess
+    import sys
+
+    d, res = bundle
+    done = subprocess.run([sys.executable, "-c", DEVICE, str(res.path), str(d / "device"), str(d / "cache"),
+                           json.dumps(TEXTS[:6])], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    out = json.loads(done.stdout.strip().splitlines()[-1])
+    assert out["torch"] is False and out["executorch"] is False
+    assert out["losses"][-1] < 0.75 * out["losses"][0]
+    assert out["back"] == out["trained"] != out["other"]
+    assert np.asarray(out["logits"]).shape == (6, 2)
+    assert (d / "device" / "dev" / names.ADAPTER_WEIGHTS).is_file()
+
+
+def test_damaged_program_is_a_bundle_error_naming_the_member(bundle, tmp_path):
+    """A training program that ExecuTorch cannot load: BundleError naming the member (issue 17)."""
+    import dataclasses
+    import shutil
+
+    from edgepeft.bundle import open_bundle
+    from edgepeft.errors import BundleError
+    from edgepeft.runtime.backends.executorch import ExecutorchBackend
+
+    d, res = bundle
+    b = open_bundle(res.path, d / "cache")
+    member = res.manifest.backends["executorch"].members["training_program"]
+    copy = tmp_path / "copy"
+    shutil.copytree(b.root, copy)
+    (copy / member).write_bytes(b"not a program" * 10)
+    with pytest.raises(BundleError, match=r"executorch: bundle member\(s\) 'executorch/training.pte' failed to load"):
+        ExecutorchBackend(dataclasses.replace(b, root=copy))
 
 
 def test_bundle_without_executorch_is_refused(bundle, tmp_path):
