@@ -72,9 +72,13 @@ METHODS: dict[str, Callable[[Arch], list]] = {
 }
 STEPS = 10
 ONNX = ("ort-training", "portable")
-# ExecuTorch's export costs tens of seconds per case: a few cases, covering conv, BatchNorm,
-# the torch transformer layers and a tied causal LM.
-EXECUTORCH = {("audio", "lora+bitfit"), ("vit", "lora+bitfit"), ("tied-lm", "lora+bitfit")}
+# ExecuTorch's export costs minutes per case here: a few cases (slow), the torch transformer
+# layers (encoder, decoder, nn.Transformer) and a tied causal LM. Known gap: ExecuTorch 1.5's
+# training program fails to run models with a Conv1d (even a frozen one) or the ViT's strided
+# patch conv ("Failed to execute method forward"); the export refuses them with an ExportError
+# naming the other backends (test_executorch_gap_is_refused).
+EXECUTORCH = {("tied-lm", "lora+bitfit"), ("seq2seq", "lora+bitfit")}
+EXECUTORCH_GAPS = ("audio",)
 # ONNX Runtime's training build crashes in its GRU/LSTM gradient kernels: recurrent models train
 # on the portable backend (the ort-training export refuses them: NOT_APPLICABLE below).
 ORT_REFUSED = {"gru"}
@@ -82,6 +86,10 @@ CASES = [pytest.param(a, k, b, id=f"{a}-{k}-{b}") for a in ARCHS for k in METHOD
          if not (b == "ort-training" and a in ORT_REFUSED)] \
     + [pytest.param(a, k, "executorch", id=f"{a}-{k}-executorch", marks=pytest.mark.slow)
        for a, k in sorted(EXECUTORCH)]
+
+
+def _onnx_backends(name: str) -> tuple[str, ...]:
+    return tuple(b for b in ONNX if not (b == "ort-training" and name in ORT_REFUSED))
 
 
 def build(name: str) -> tuple[nn.Module, dict[str, torch.Tensor], np.ndarray]:
@@ -107,7 +115,7 @@ def exported(tmp_path_factory):
             model, inputs, _ = build(name)
             res = export_bundle(model, inputs, methods=METHODS[method](arch), loss=arch.loss, quant="int8",
                                 dynamic_axes=arch.axes, max_length=arch.max_length, out=d / "b.edgepeft", executorch_batch_size=um.B,
-                                backends=("executorch",) if key[2] else ONNX)
+                                backends=("executorch",) if key[2] else _onnx_backends(name))
             cache[key] = (res, d)
         return cache[key]
 
@@ -133,13 +141,20 @@ def test_user_model(exported, name, method, backend):
     losses = [s.train_step(batch) for _ in range(STEPS)]
     assert losses[-1] < (1 - arch.min_drop) * losses[0], losses
     assert_step_matches_eager(res, s, batch, atol=1e-4)   # parity at the trained adapter too
-    trained, _ = s.backend.eval_step(batch)
+    assert_swap_restores(s, batch, lambda: _open(res, d, arch.lr, backend))
+
+
+def assert_swap_restores(s: Session, batch: Batch, reopen: Callable[[], Session]) -> None:
+    """Save the active adapter, swap to a fresh one and back: the loss is the trained one, bit
+    for bit, in this session and in one opened anew from the store."""
+    name = s.adapter
+    loss = lambda session: session.backend.eval_step(batch)[0]  # noqa: E731
+    trained = loss(s)
     s.save_adapter()
-    s.swap_adapter("other", create=True)
-    assert s.backend.eval_step(batch)[0] != trained
-    s.swap_adapter("a")
-    assert s.backend.eval_step(batch)[0] == trained
-    assert _open(res, d, arch.lr, backend).backend.eval_step(batch)[0] == trained
+    s.swap_adapter(name + "-other", create=True)
+    assert loss(s) != trained, "a fresh adapter gives another loss"
+    s.swap_adapter(name)
+    assert (loss(s), loss(reopen())) == (trained, trained)
 
 
 # -- what does not apply: refused at export, with the module, the reason and what to do -----------
@@ -216,6 +231,18 @@ NOT_APPLICABLE: dict[str, tuple[Callable[[], tuple], list, str, str]] = {
 }
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize("name", EXECUTORCH_GAPS)
+def test_executorch_gap_is_refused(tmp_path, name):
+    from edgepeft.errors import ExportError
+    from edgepeft.exporters import export_bundle
+
+    model, inputs, _ = build(name)
+    with pytest.raises(ExportError, match="ExecuTorch cannot build the training program.*'ort-training' or 'portable'"):
+        export_bundle(model, inputs, methods=METHODS["lora+bitfit"](ARCHS[name]), out=tmp_path / "b.edgepeft",
+                      backends=("executorch",), executorch_batch_size=um.B)
+
+
 @pytest.mark.parametrize("case", list(NOT_APPLICABLE))
 def test_not_applicable_is_refused(tmp_path, case):
     import edgepeft.errors as errors
@@ -227,3 +254,11 @@ def test_not_applicable_is_refused(tmp_path, case):
     with pytest.raises(getattr(errors, error), match=needle):
         export_bundle(model, inputs, methods=methods, out=tmp_path / "b.edgepeft", **export)
     assert not (tmp_path / "b.edgepeft").exists()
+
+
+def test_the_bring_your_own_model_example_runs(tmp_path):
+    from examples import byom
+
+    res = byom.main(["--out", str(tmp_path), "--steps", "6"])
+    assert res["losses"][-1] < 0.5 * res["losses"][0], res["losses"]
+    assert (tmp_path / "adapters" / "me").is_dir()
