@@ -185,9 +185,13 @@ def _partitioner():
     """XNNPACK, taking fp32 matmuls whose weights are run-time tensors too (adapter tensors,
     dequantized int8 weights, the backward's activations): on ExecuTorch's own mm kernel those
     made MiniLM's step 5x ONNX Runtime's."""
+    from executorch.backends.xnnpack.partition.config import ALL_PARTITIONER_CONFIGS, ConvolutionConfig
     from executorch.backends.xnnpack.partition.xnnpack_partitioner import XnnpackPartitioner
 
-    return XnnpackPartitioner(force_non_static_weights_for_f32_linear=True)
+    # Not convolutions: XNNPACK accepts them in the partition, then refuses a run-time weight
+    # when the program loads ("Failed to create convolution node ... invalid_parameter").
+    configs = [c for c in ALL_PARTITIONER_CONFIGS if c is not ConvolutionConfig]
+    return XnnpackPartitioner(configs=configs, force_non_static_weights_for_f32_linear=True)
 
 
 def _training_program(injected: InjectedModel, loss_model: WithLoss, args: tuple, shapes: tuple,
