@@ -25,7 +25,7 @@ def fleet() -> None:
 @click.option("--steps", default=5, show_default=True, type=click.IntRange(min=1), help="Local steps per round.")
 @click.option("--batch-size", default=8, show_default=True, type=click.IntRange(min=1))
 @click.option("--lr", default=3e-3, show_default=True, type=float, help="Devices' AdamW learning rate.")
-@click.option("--out", default="fleet-run", show_default=True, type=click.Path(file_okay=False, path_type=Path),
+@click.option("-o", "--out", default="fleet-run", show_default=True, type=click.Path(file_okay=False, path_type=Path),
               help="Devices' folders, the published fleet adapters and fleet.json go here.")
 @click.option("--key", type=click.Path(exists=True, dir_okay=False, path_type=Path),
               help="Publisher private key (`edgepeft keygen`): fleet adapters are signed and devices verify "
