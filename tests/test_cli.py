@@ -128,7 +128,7 @@ def test_export_with_method_specs(cli_env):
     assert r.exit_code == 1 and "bogus" in r.output
 
 
-COMMANDS = {"adapters", "demo", "devices", "export", "inspect", "keygen", "profile", "train"}
+COMMANDS = {"adapters", "demo", "devices", "export", "fleet", "inspect", "keygen", "profile", "train"}
 
 
 def _listed(help_text: str) -> set[str]:
