@@ -102,3 +102,52 @@ def test_a_wrapped_layer_shows_its_base_weights():
     assert wrapped.weight is base.weight and wrapped.bias is base.bias and wrapped.in_features == 4
     with pytest.raises(AttributeError):
         wrapped.no_such_attribute  # noqa: B018
+
+
+class _Mixed(nn.Module):
+    """One of each layer kind LoRA wraps, on one input path."""
+
+    def __init__(self):
+        super().__init__()
+        self.embed = nn.Embedding(20, 8)
+        self.conv1d = nn.Conv1d(8, 8, 3, stride=2, padding=1)
+        self.conv2d = nn.Conv2d(1, 4, 3, padding=1, dilation=1)
+        self.attn = nn.MultiheadAttention(8, 2, batch_first=True)
+        self.fc = nn.Linear(8, 3)
+
+    def forward(self, ids):
+        x = self.conv1d(self.embed(ids).transpose(1, 2)).transpose(1, 2)          # (B, T/2, 8)
+        x = self.conv2d(x.unsqueeze(1)).mean(1)                                    # (B, T/2, 8)
+        return self.fc(self.attn(x, x, x, need_weights=False)[0].mean(1))
+
+
+def _peft_and_ours(targets: list[str]):
+    peft = pytest.importorskip("peft")
+    torch.manual_seed(0)
+    base = _Mixed().eval()
+    cfg = peft.LoraConfig(r=2, lora_alpha=4, target_modules=targets, init_lora_weights=False)
+    theirs = peft.get_peft_model(copy.deepcopy(base), cfg).eval()
+    state = peft.get_peft_model_state_dict(theirs)
+    ours = copy.deepcopy(base)
+    trainables = inject(ours, [LoraSpec(rank=2, alpha=4, targets=tuple(targets))])
+    with torch.no_grad():
+        for t in trainables:
+            t.param.copy_(state[t.peft_key])
+    return base, theirs, ours, state, trainables
+
+
+def test_lora_layers_match_hugging_face_peft():
+    """PEFT's LoRA on Embedding, Conv1d, k x k Conv2d and Linear, with its (random) adapter loaded
+    into edgepeft's layers by the PEFT keys they declare: the same logits. On MultiheadAttention
+    the keys and shapes are PEFT's; its values are not compared with PEFT 0.21, whose forward adds
+    the out_proj update twice (huggingface/peft#3774): test_lora_on_torch_transformer_layers
+    checks ours against the merged weights W + s B A instead."""
+    ids = torch.randint(0, 20, (2, 6), generator=torch.Generator().manual_seed(1))
+    base, theirs, ours, state, trainables = _peft_and_ours(["embed", "conv1d", "conv2d", "fc"])
+    assert sorted(t.peft_key for t in trainables) == sorted(state)   # same tensors under the same keys
+    with torch.no_grad():
+        want, got = theirs(ids), ours(ids)
+        assert (want - base(ids)).abs().max() > 1e-3, "PEFT's random adapter changes the output"
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-5)
+    _, _, _, state, trainables = _peft_and_ours(["attn"])
+    assert {t.peft_key: tuple(t.param.shape) for t in trainables} == {k: tuple(v.shape) for k, v in state.items()}

@@ -12,9 +12,9 @@ from edgepeft.specs.base import MethodSpec, as_name_tuple, check_pattern, check_
 
 @dataclasses.dataclass(frozen=True)
 class LoraSpec(MethodSpec):
-    """LoRA on the Linear (or 1x1 Conv2d) layers named by ``targets`` (module names, matched
-    by whole dotted components as PEFT does) or by ``target_pattern`` (an anchored regex over
-    full names).
+    """LoRA on the layers named by ``targets`` (module names, matched by whole dotted components
+    as PEFT does) or by ``target_pattern`` (an anchored regex over full names): nn.Linear,
+    nn.Conv1d/nn.Conv2d (any kernel, groups=1), nn.Embedding, nn.MultiheadAttention.
 
     ``modules_to_save`` names modules trained in full alongside (PEFT's option of the same
     name), e.g. a fresh classification head."""
@@ -45,7 +45,8 @@ class LoraSpec(MethodSpec):
                 raise SpecError(f"`{flag}` must be True or False, got {getattr(self, flag)!r}")
         check_seed(self.init_seed)
         if not self.targets and self.target_pattern is None:
-            raise SpecError("LoRA needs `targets` or `target_pattern`: name the Linear layers to adapt")
+            raise SpecError("LoRA needs `targets` or `target_pattern`: name the layers to adapt (Linear, Conv, "
+                            "Embedding, MultiheadAttention)")
 
     @property
     def scaling(self) -> float:

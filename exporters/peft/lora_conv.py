@@ -3,6 +3,8 @@ with the base's kernel, stride, padding and dilation down to r channels, B a poi
 back up: y = conv(x) + s * B(A(x)). Shapes (r, in, *kernel) and (out, r, 1, ...)."""
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -24,7 +26,7 @@ class LoraConv(LoraBase):
                  generator: torch.Generator):
         super().__init__(base, scaling)
         k = tuple(base.kernel_size)
-        fan_in = base.in_channels * int(torch.tensor(k).prod())
+        fan_in = base.in_channels * math.prod(k)
         self.init_ab(kaiming_a((rank, base.in_channels, *k), fan_in, generator),
                      torch.zeros((base.out_channels, rank, *[1] * len(k))), freeze_a)
 
