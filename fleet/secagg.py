@@ -21,7 +21,6 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 from flwr.app import Context, Message
 
 from edgepeft.adapters import AdapterStore
