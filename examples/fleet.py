@@ -138,8 +138,8 @@ def plot(path: Path, curves: dict[str, list[dict]], lines: dict[str, float], tit
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(7, 4.2))
-    for label, rows in curves.items():
-        ax.plot([r["round"] for r in rows], [r["accuracy"] for r in rows], marker="o", label=label)
+    for (label, rows), (style, mark) in zip(curves.items(), (("-", "o"), ("-", "s"), ("--", "x"))):
+        ax.plot([r["round"] for r in rows], [r["accuracy"] for r in rows], linestyle=style, marker=mark, label=label)
     for (label, y), style in zip(lines.items(), (":", "--", "-.")):
         ax.axhline(y, linestyle=style, color="gray", label=f"{label} ({y:.3f})")
     ax.set_xlabel("round")
