@@ -27,6 +27,7 @@ from edgepeft.exporters import onnx_graph
 from edgepeft.exporters.memory_card import memory_card
 from edgepeft.exporters.options import CAUSAL_LM, LOSSES, TASKS, ExportOptions
 from edgepeft.exporters.peft import InjectContext, inject
+from edgepeft.exporters.peft.fast_paths import fast_paths_off
 from edgepeft.exporters.peft_import import load_peft_adapter
 from edgepeft.exporters.quantize import INT4_BLOCK, Int4Tensor, QuantizedTensor, quantize_frozen
 from edgepeft.exporters.stages import BackendTarget, ExportPlan, ForwardGraph, InjectedModel
@@ -121,7 +122,8 @@ def export_forward(injected: InjectedModel, tmp: Path) -> ForwardGraph:
     """The ONNX forward graph every target starts from (int8 frozen weights, LayerNorm outputs
     ORT's gradient builder needs) and the memory card measured on it."""
     src, trainable = injected.plan.source, injected.trainable_names
-    forward = onnx_graph.torch_to_onnx(injected.model, src, tmp / "forward.onnx")
+    with fast_paths_off():
+        forward = onnx_graph.torch_to_onnx(injected.model, src, tmp / "forward.onnx")
     inits = {i.name for i in forward.graph.initializer}
     lost = [n for n in trainable if n not in inits]
     if lost:
@@ -179,7 +181,8 @@ def build_targets(injected: InjectedModel, forward: ForwardGraph, tmp: Path) -> 
         if name not in plan.backends:
             continue
         try:
-            targets[name] = builder(injected, forward, tmp)
+            with fast_paths_off():  # torch.export traces the layers too
+                targets[name] = builder(injected, forward, tmp)
         except ExportError as e:
             if not (plan.options.best_effort and name in BEST_EFFORT):
                 raise

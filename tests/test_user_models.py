@@ -267,3 +267,17 @@ def test_the_bring_your_own_model_example_runs(tmp_path):
     res = byom.main(["--out", str(tmp_path), "--steps", "6"])
     assert res["losses"][-1] < 0.5 * res["losses"][0], res["losses"]
     assert (tmp_path / "adapters" / "me").is_dir()
+
+
+@pytest.mark.parametrize("name", ["vit", "captioner"])
+def test_frozen_torch_transformer_layers_export(tmp_path, name):
+    """With no adapter inside them, torch's encoder layer and attention would take their fused
+    fast paths while traced (no ONNX translation): a head-only bundle exports and matches eager."""
+    from edgepeft.exporters import export_bundle
+
+    arch = ARCHS[name]
+    model, inputs, labels = build(name)
+    res = export_bundle(model, inputs, methods=[SelectiveSpec(modules=(arch.head,))], loss=arch.loss,
+                        dynamic_axes=arch.axes, out=tmp_path / "b.edgepeft", backends=("ort-training",))
+    s = _open(res, tmp_path, 1e-2, "ort-training")
+    assert_step_matches_eager(res, s, Batch({k: v.numpy() for k, v in inputs.items()}, labels.astype(np.int64)))

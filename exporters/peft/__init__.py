@@ -10,6 +10,7 @@ from edgepeft.errors import SpecError
 from edgepeft.exporters.peft.base import InjectContext, Trainable
 from edgepeft.exporters.peft.bitfit import inject_bitfit
 from edgepeft.exporters.peft.bottleneck import inject_bottleneck
+from edgepeft.exporters.peft.fast_paths import disable_fast_paths
 from edgepeft.exporters.peft.lora import LoraLinear, inject_lora
 from edgepeft.exporters.peft.lora_conv import LoraConv
 from edgepeft.exporters.peft.lora_embedding import LoraEmbedding
@@ -54,6 +55,7 @@ def inject(model: nn.Module, methods: Sequence[MethodSpec], ctx: InjectContext |
                             f"{t.method!r}; narrow one of them (e.g. BitFit `modules`, selective `modules`)")
         seen[t.name] = t.method
         t.param.requires_grad_(True)
+    disable_fast_paths(model)
     return trainables
 
 

@@ -14,7 +14,7 @@ from edgepeft.exporters.peft.base import InjectContext, Trainable, declare, set_
 from edgepeft.exporters.peft.lora_base import LoraBase, LoraLinear
 from edgepeft.exporters.peft.lora_conv import LoraConv, conv_refusal
 from edgepeft.exporters.peft.lora_embedding import LoraEmbedding, embedding_refusal
-from edgepeft.exporters.peft.lora_mha import LoraMultiheadAttention, disable_fast_paths, mha_refusal
+from edgepeft.exporters.peft.lora_mha import LoraMultiheadAttention, mha_refusal
 from edgepeft.exporters.peft.selective import select_modules
 from edgepeft.specs import LoraSpec
 from edgepeft.specs.base import name_matches
@@ -93,7 +93,6 @@ def inject_lora(model: nn.Module, spec: LoraSpec, ctx: InjectContext) -> list[Tr
         wrapped = cls(layer, spec.rank, spec.scaling, spec.freeze_a, g)
         set_submodule(model, mod_name, wrapped)
         out += _declare(mod_name, wrapped)
-    disable_fast_paths(model)
     if spec.modules_to_save:
         out += select_modules(model, spec.modules_to_save, "modules_to_save")
     return out

@@ -2,11 +2,7 @@
 (B is (3E, r), so its row blocks adapt the q, k and v slices) and a LoRA Linear on
 ``out_proj``. MultiheadAttention hands its weight tensors to the functional attention instead
 of calling its sub-layers, so the wrapper does the same with merged weights W + s B A (their
-gradients reach A and B through the sum).
-
-Also: torch's fast paths (``nn.TransformerEncoderLayer`` / ``nn.TransformerEncoder`` in eval
-without grad) call fused kernels on the frozen weights and would skip every adapter;
-``disable_fast_paths`` turns them off in the injected copy."""
+gradients reach A and B through the sum)."""
 from __future__ import annotations
 
 import torch
@@ -55,12 +51,3 @@ class LoraMultiheadAttention(LoraBase):
             out = out.transpose(1, 0)
         return out, weights
 
-
-def disable_fast_paths(model: nn.Module) -> None:
-    """Torch's encoder fast paths read the frozen weights themselves (skipping adapters); each
-    is gated by a flag only they read: clear it (the standard path computes the same)."""
-    for mod in model.modules():
-        if isinstance(mod, nn.TransformerEncoderLayer):
-            mod.activation_relu_or_gelu = 0
-        elif isinstance(mod, nn.TransformerEncoder):
-            mod.use_nested_tensor = False
