@@ -11,8 +11,10 @@
 
 #include <cstdint>
 #include <cstdio>
+#include <cstdlib>
 #include <cstring>
 #include <memory>
+#include <mutex>
 #include <string>
 #include <vector>
 
@@ -22,6 +24,8 @@ using executorch::extension::from_blob;
 using executorch::extension::module::Module;
 using executorch::runtime::Error;
 using executorch::runtime::EValue;
+using executorch::runtime::HierarchicalAllocator;
+using executorch::runtime::Span;
 
 namespace executorch::extension::threadpool {
 // Declared here because the wheel ships libexecutorch_threadpool.so but not threadpool.h.
@@ -34,11 +38,54 @@ ThreadPool* get_threadpool();
 
 namespace {
 
+// Members are destroyed in reverse order: the module before the memory its method was planned in.
 struct Program {
+  std::vector<void*> owned;                   // planned buffers the shared ones were too small for
+  std::vector<Span<uint8_t>> spans;
+  std::unique_ptr<HierarchicalAllocator> planned;
   std::unique_ptr<Module> module;
   std::string method;
   std::vector<EValue> outputs;  // valid until the next run: they alias the method's memory
 };
+
+// The planned (activation) memory every program of the process shares, per buffer index.
+// A session runs its training and inference programs one at a time and copies outputs out
+// right after each run, so one arena serves both: the inference program costs no arena of
+// its own. malloc'd, not zero-filled: pages become resident only when a run touches them
+// (ExecuTorch's Module zero-fills its own arena at load). Kept for the process's lifetime.
+std::mutex g_arena_mutex;
+std::vector<std::pair<uint8_t*, size_t>> g_arena;
+
+// Points ``p``'s planned memory at the shared arena, growing it for buffers it lacks; a buffer
+// larger than the arena's already-shared one gets a private allocation instead (growing would
+// move memory an earlier program was planned in).
+bool plan_memory(Program* p, const executorch::runtime::MethodMeta& meta) {
+  std::lock_guard<std::mutex> lock(g_arena_mutex);
+  for (size_t i = 0; i < meta.num_memory_planned_buffers(); ++i) {
+    auto size = meta.memory_planned_buffer_size(i);
+    if (!size.ok()) {
+      return false;
+    }
+    size_t n = static_cast<size_t>(size.get());
+    uint8_t* buf = nullptr;
+    if (i < g_arena.size() && g_arena[i].second >= n) {
+      buf = g_arena[i].first;
+    } else {
+      buf = static_cast<uint8_t*>(std::malloc(n > 0 ? n : 1));
+      if (buf == nullptr) {
+        return false;
+      }
+      if (i == g_arena.size()) {
+        g_arena.emplace_back(buf, n);
+      } else {
+        p->owned.push_back(buf);
+      }
+    }
+    p->spans.emplace_back(buf, n);
+  }
+  p->planned = std::make_unique<HierarchicalAllocator>(Span<Span<uint8_t>>(p->spans.data(), p->spans.size()));
+  return true;
+}
 
 void set_error(char* err, size_t len, const std::string& what) {
   if (err != nullptr && len > 0) {
@@ -60,7 +107,16 @@ void* edgepeft_et_open(const char* path, const char* method, char* err, size_t e
   auto p = std::make_unique<Program>();
   p->module = std::make_unique<Module>(path, Module::LoadMode::Mmap);
   p->method = method;
-  Error e = p->module->load_method(p->method);
+  auto meta = p->module->method_meta(p->method);  // loads the program
+  if (!meta.ok()) {
+    set_error(err, errlen, error_text("loading the program", meta.error()));
+    return nullptr;
+  }
+  if (!plan_memory(p.get(), meta.get())) {
+    set_error(err, errlen, "allocating the method's planned memory failed");
+    return nullptr;
+  }
+  Error e = p->module->load_method(p->method, p->planned.get());
   if (e != Error::Ok) {
     set_error(err, errlen, error_text("loading the method", e));
     return nullptr;
@@ -116,7 +172,15 @@ int edgepeft_et_output(void* handle, int i, void** data, int* dtype, int64_t* sh
   return static_cast<int>(t.dim());
 }
 
-void edgepeft_et_close(void* handle) { delete static_cast<Program*>(handle); }
+void edgepeft_et_close(void* handle) {
+  auto* p = static_cast<Program*>(handle);
+  p->outputs.clear();
+  p->module.reset();
+  for (void* buf : p->owned) {
+    std::free(buf);
+  }
+  delete p;
+}
 
 // ExecuTorch's kernels and XNNPACK share one process-wide pool.
 int edgepeft_et_set_threads(int n) {
