@@ -12,6 +12,7 @@
 #include <cstdint>
 #include <cstdio>
 #include <cstdlib>
+#include <algorithm>
 #include <cstring>
 #include <memory>
 #include <mutex>
@@ -45,16 +46,20 @@ struct Program {
   std::unique_ptr<HierarchicalAllocator> planned;
   std::unique_ptr<Module> module;
   std::string method;
-  std::vector<EValue> outputs;  // valid until the next run: they alias the method's memory
+  // The last run's outputs, copied out of the shared arena before another run may reuse it.
+  std::vector<std::vector<uint8_t>> out_data;
+  std::vector<int> out_dtype;
+  std::vector<std::vector<int64_t>> out_shape;
 };
 
 // The planned (activation) memory every program of the process shares, per buffer index.
-// A session runs its training and inference programs one at a time and copies outputs out
-// right after each run, so one arena serves both: the inference program costs no arena of
-// its own. malloc'd, not zero-filled: pages become resident only when a run touches them
+// Runs are serialized (g_run_mutex) and copy their outputs out before the next run may reuse
+// the arena, so one arena serves a session's training and inference programs (and any other
+// session's in the process): the inference program costs no arena of its own. malloc'd, not zero-filled: pages become resident only when a run touches them
 // (ExecuTorch's Module zero-fills its own arena at load). Kept for the process's lifetime.
 std::mutex g_arena_mutex;
 std::vector<std::pair<uint8_t*, size_t>> g_arena;
+std::mutex g_run_mutex;  // runs share the arena: one at a time, whichever thread asks
 
 // Points ``p``'s planned memory at the shared arena, growing it for buffers it lacks; a buffer
 // larger than the arena's already-shared one gets a private allocation instead (growing would
@@ -144,37 +149,44 @@ int edgepeft_et_run(void* handle, int n, void** data, const int* dtypes, const i
     tensors.push_back(from_blob(data[i], std::move(sizes), static_cast<ScalarType>(dtypes[i])));
     inputs.emplace_back(tensors.back());
   }
+  std::lock_guard<std::mutex> lock(g_run_mutex);
   auto result = p->module->execute(p->method, inputs);
   if (!result.ok()) {
     set_error(err, errlen, error_text("running the method", result.error()));
     return -1;
   }
-  p->outputs = std::move(result.get());
-  return static_cast<int>(p->outputs.size());
+  p->out_data.clear();
+  p->out_dtype.clear();
+  p->out_shape.clear();
+  for (const auto& v : result.get()) {
+    if (!v.isTensor()) {
+      set_error(err, errlen, "an output is not a tensor");
+      return -1;
+    }
+    const auto& t = v.toTensor();
+    const auto* bytes = static_cast<const uint8_t*>(t.const_data_ptr());
+    p->out_data.emplace_back(bytes, bytes + t.nbytes());
+    p->out_dtype.push_back(static_cast<int>(t.scalar_type()));
+    p->out_shape.emplace_back(t.sizes().begin(), t.sizes().end());
+  }
+  return static_cast<int>(p->out_data.size());
 }
 
-// Output ``i`` of the last run: its data pointer (owned by the runtime), dtype and shape
-// (up to 8 dimensions). Returns the rank, or -1 when the output is not a tensor.
+// Output ``i`` of the last run: a pointer to its copy (valid until the next run of this
+// program), dtype and shape (up to 8 dimensions). Returns the rank, or -1.
 int edgepeft_et_output(void* handle, int i, void** data, int* dtype, int64_t* shape) {
   auto* p = static_cast<Program*>(handle);
-  if (i < 0 || i >= static_cast<int>(p->outputs.size()) || !p->outputs[i].isTensor()) {
+  if (i < 0 || i >= static_cast<int>(p->out_data.size()) || p->out_shape[i].size() > 8) {
     return -1;
   }
-  const auto& t = p->outputs[i].toTensor();
-  if (t.dim() > 8) {
-    return -1;
-  }
-  *data = t.mutable_data_ptr();
-  *dtype = static_cast<int>(t.scalar_type());
-  for (int d = 0; d < t.dim(); ++d) {
-    shape[d] = t.size(d);
-  }
-  return static_cast<int>(t.dim());
+  *data = p->out_data[i].data();
+  *dtype = p->out_dtype[i];
+  std::copy(p->out_shape[i].begin(), p->out_shape[i].end(), shape);
+  return static_cast<int>(p->out_shape[i].size());
 }
 
 void edgepeft_et_close(void* handle) {
   auto* p = static_cast<Program*>(handle);
-  p->outputs.clear();
   p->module.reset();
   for (void* buf : p->owned) {
     std::free(buf);
