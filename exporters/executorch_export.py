@@ -25,7 +25,7 @@ import torch.nn as nn
 
 from edgepeft import names
 from edgepeft.errors import ExportError
-from edgepeft.exporters.gradient_graph import _GradientModule
+from edgepeft.exporters.gradient_graph import GradientModule
 from edgepeft.exporters.joint_graph import SEP, WithLoss, canonical_names, joint_forward_backward
 from edgepeft.exporters.quantize import QuantizedTensor
 from edgepeft.exporters.stages import InjectedModel
@@ -204,8 +204,8 @@ def _training_program(injected: InjectedModel, loss_model: WithLoss, args: tuple
     with _stage(injected.plan.what, "training program"):
         joint = joint_forward_backward(_export(loss_model, args, shapes))
         _slice_negative_pads(joint.graph_module)
-        prefix = names.EXECUTORCH_PARAM_PREFIX[len("m."):]  # _GradientModule drops WithLoss's "m."
-        step = _GradientModule(joint, list(injected.trainable_names),
+        prefix = names.EXECUTORCH_PARAM_PREFIX[len("m."):]  # GradientModule drops WithLoss's "m."
+        step = GradientModule(joint, list(injected.trainable_names),
                                {prefix + n: n for n in injected.trainable_names})
         ep = _export(step, (*args, *adapter), (*shapes, *[None] * len(adapter)))
         _infer_symbolic_reshapes(ep.graph_module)

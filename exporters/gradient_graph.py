@@ -26,7 +26,7 @@ from edgepeft.exporters.stages import InjectedModel
 OPSET = 18
 
 
-class _GradientModule(nn.Module):
+class GradientModule(nn.Module):
     """Calls the joint graph with frozen tensors from buffers and trainables from inputs."""
 
     def __init__(self, joint, trainable: list[str], canonical: dict[str, str]):
@@ -89,7 +89,7 @@ def build(injected: InjectedModel, path: Path) -> onnx.ModelProto:
                                      dynamic_shapes={"args": shapes})
             joint = joint_forward_backward(ep)
             decompose_conv_backward(joint.graph_module)
-            grad_module = _GradientModule(joint, trainable, canonical_names(injected.model))
+            grad_module = GradientModule(joint, trainable, canonical_names(injected.model))
             # Re-export the wrapper: exporting the joint program itself yields an empty model.
             # The joint graph carries shape guards sympy cannot discharge (e.g. min(a+bs, c+ds)
             # with a prompt): defer them to run-time asserts instead of failing the export.
