@@ -8,14 +8,18 @@ names one or more repo-relative results files. This test checks, for every markd
 README.md:
 - a table holding figures has such a marker, every file it names exists, and the prose between
   the previous table or heading and the table names the command that writes them (a backticked
-  `make ...` or `python -m ...`);
+  `make ...`, `python -m ...` or `edgepeft ...`; two tables in a row share the prose above them);
 - every number in the table (header and cells; code spans, tolerances such as 1e-5, versions
   and names such as int8 or r8 aside) appears in one of the named files with the same rounding:
   a JSON file's numbers (values, and numbers inside its strings), a text file's numbers; sign
   and thousands separators are ignored, ratios (0.09x) and percentages (0.34 %) must be in the
   file as such (the harness computes them, not the reader);
-- a JSON results file records its machine, package versions and load average (benchmarks'
-  ``machine()``), except the files listed in LEGACY, written before that was recorded.
+- a JSON results file records its command and its machine, package versions and load average
+  (``edgepeft.provenance.machine()``), except the files listed in LEGACY, written before that was
+  recorded;
+- the guarantee figures that `make test` writes (benchmarks/results/guarantees/tests.json) record
+  no failed or skipped test, and the tolerances and counts the README quotes are the tests'.
+The matching is per table, not per cell: a figure passes if any of the table's files holds it.
 """
 from __future__ import annotations
 
@@ -36,7 +40,7 @@ COMMAND = re.compile(r"`(?:make \w|\.venv/bin/python -m |python -m |edgepeft )[^
 NUMBER = re.compile(r"(?<![\w.])(?<![A-Za-z]-)(?P<n>\d{1,3}(?:,\d{3})+(?:\.\d+)?|\d+(?:\.\d+)?)(?=x\b|(?![\w.]|\.\d))")
 SEPARATOR = re.compile(r"^\|[-:| ]+\|$")
 NUMBER_LOOSE = re.compile(r"\d+(?:\.\d+)?")
-# Names that hold a number (models, devices, papers' tables): not figures.
+# Names that hold a number (models, devices, papers' tables) and references such as (4): not figures.
 NAMES = re.compile(r"Gemma 3|Table 2|Pi [45]|Pi Zero 2 W|Python 3\b|\(\d\)")
 # Results files written before benchmarks.common.machine() recorded versions and load; each
 # entry says what the file lacks. Re-running the command that writes it removes it from here
