@@ -154,6 +154,8 @@ def test_auto_under_a_budget_prefers_the_leanest_prediction(bundle_int8, monkeyp
     import edgepeft.runtime.backends as rb
 
     monkeypatch.setattr(rb, "available", lambda name: True)
+    monkeypatch.setitem(REGISTRY, names.BACKEND_EXECUTORCH, dataclasses.replace(REGISTRY[names.BACKEND_EXECUTORCH],
+                                                                                memory=None))  # the unpredicted one
     m = _manifest_with(bundle_int8, names.BACKEND_ORT, names.BACKEND_PORTABLE, names.BACKEND_EXECUTORCH)
     need = {b: memory_model.predict(m, backend=b, batch=4).session_peak()
             for b in (names.BACKEND_ORT, names.BACKEND_PORTABLE)}
@@ -175,7 +177,7 @@ def test_auto_under_a_budget_prefers_the_leanest_prediction(bundle_int8, monkeyp
 def test_the_memory_model_dispatches_per_record(bundle_int8, monkeypatch):
     assert memory_model.model(names.BACKEND_ORT) is memory_model.ORT_TRAINING_COSTS
     assert memory_model.model(names.BACKEND_PORTABLE) is memory_model.PORTABLE_COSTS
-    assert memory_model.model(names.BACKEND_EXECUTORCH) is None
+    assert memory_model.model(names.BACKEND_EXECUTORCH).costs is memory_model.EXECUTORCH_COSTS
 
     class Flat:
         """A backend's own predictor: 1 MiB a phase per example."""
@@ -191,8 +193,9 @@ def test_the_memory_model_dispatches_per_record(bundle_int8, monkeypatch):
     assert memory_model.no_prediction(names.BACKEND_EXECUTORCH) is None
 
 
-def test_backends_without_a_prediction_are_named_not_keyerrors(bundle_int8):
+def test_backends_without_a_prediction_are_named_not_keyerrors(bundle_int8, monkeypatch):
     b = names.BACKEND_EXECUTORCH
+    monkeypatch.setitem(REGISTRY, b, dataclasses.replace(REGISTRY[b], memory=None))  # every backend has one now
     assert memory_model.no_prediction(b) == f"no prediction for backend {b!r}; measured only"
     with pytest.raises(memory_model.SpecError, match=f"no memory prediction for backend '{b}'"):
         memory_model.predict(bundle_int8.manifest, backend=b, batch=1)
@@ -243,6 +246,7 @@ def test_profile_predict_only_on_an_unpredicted_backend_says_so(bundle_int8, tmp
 
     runner = CliRunner(env={"EDGEPEFT_CACHE": str(tmp_path / "cache")})
     backend = names.BACKEND_EXECUTORCH
+    monkeypatch.setitem(REGISTRY, backend, dataclasses.replace(REGISTRY[backend], memory=None))  # the unpredicted one
     r = runner.invoke(main, ["profile", str(bundle_int8.path), "--device", "host", "--predict-only",
                              "--backend", backend])
     assert r.exit_code == 1 and isinstance(r.exception, SystemExit), r.output
