@@ -33,6 +33,9 @@ CALIBRATION = {("tiny-encoder", b, s) for b, s in GRID} | {("minilm", 8, 128), (
 # both LLMs at their smallest shape); every other row, the tiny decoder's included, is held out.
 LEAN_CALIBRATION = {("tiny-encoder", 8, 64), ("tiny-encoder", 1, 32), ("minilm", 8, 64), ("smollm2-135m", 2, 64),
                     ("gemma3-270m", 2, 64)}
+# ExecuTorch's batch is fixed at export, so its calibration takes MiniLM at two sequence
+# lengths instead of two batches (its arena pages grow with the sequence, not the batch).
+ET_CALIBRATION = {("tiny-encoder", b, s) for b, s in GRID} | {("minilm", 8, 128), ("minilm", 8, 64)}
 OUT = Path(__file__).parent / "results"
 
 
@@ -63,12 +66,18 @@ def run(models, backends, grid, folder: Path) -> list[dict]:
             for batch, seq in (LLM_GRID if name in LLMS else grid):
                 seq = min(seq, manifest.max_length)
                 m = profiler.measure(path, backend=backend, batch=batch, seq=seq, threads=2)
-                cal = LEAN_CALIBRATION if backend == "lean" else CALIBRATION
+                cal = _calibration(backend)
+                planned = _planned(manifest, backend)
                 rows.append({"model": name, "backend": backend, "batch": batch, "seq": seq, "measured": m["peaks"],
+                             "planned": planned, "max_length": manifest.max_length,
                              "baseline": m["baseline"], "calibration": (name, batch, seq) in cal,
                              "card": manifest.memory, "trainable": manifest.trainable_params})
                 print(name, backend, batch, seq, {k: v >> 20 for k, v in m["peaks"].items()}, flush=True)
     return rows
+
+
+def _calibration(backend: str) -> set:
+    return {"lean": LEAN_CALIBRATION, "executorch": ET_CALIBRATION}.get(backend, CALIBRATION)
 
 
 def fit_lean(rows: list[dict]) -> dict:
@@ -95,6 +104,39 @@ def fit_lean(rows: list[dict]) -> dict:
             "k_block": round(float(k_b), 3), "k_eval": round(float(k_e), 3)}
 
 
+def _planned(manifest, backend: str) -> list[int] | None:
+    """(batch, seq) a fixed-batch backend's programs were planned for (ExecuTorch), else None."""
+    from edgepeft.backends import record
+
+    setting = record(backend).caps.batch_setting
+    return None if setting is None else [int(manifest.backends[backend].settings[setting]), manifest.max_length]
+
+
+def fit_planned(rows: list[dict], backend: str) -> dict:
+    """ExecuTorch's constants: its memory is planned at export for the program's batch, so the
+    activation term is taken at that batch and the row's sequence (only touched pages count).
+    Per phase on the calibration rows: open = library + k_w * frozen; train - open = t0 + k_d *
+    dequantized + k_a * activations; evaluate - train = e0 + ew * frozen (the inference
+    program's own weights; it shares the training program's arena)."""
+    cal = [r for r in rows if r["calibration"] and r["backend"] == backend]
+    if not cal:
+        return {}
+    mi = memory_model.INTERPRETER
+    frozen = lambda r: r["card"]["frozen_bytes"]  # noqa: E731
+    a = np.array([[1.0, frozen(r)] for r in cal])
+    library, k_w = np.linalg.lstsq(a, np.array([r["measured"]["open"] - mi - 4 * r["trainable"] for r in cal]),
+                                   rcond=None)[0]
+    acts = lambda r: r["planned"][0] * float(np.polyval(r["card"]["activations_per_example"][::-1], r["seq"]))  # noqa: E731
+    a = np.array([[1.0, r["card"]["dequant_fp32_bytes"], acts(r)] for r in cal])
+    y = np.array([r["measured"]["train_step"] - r["measured"]["open"] - 16 * r["trainable"] for r in cal])
+    t0, k_d, k_a = np.linalg.lstsq(a, y, rcond=None)[0]
+    y = np.array([r["measured"]["evaluate"] - r["measured"]["train_step"] for r in cal])
+    e0, ew = np.linalg.lstsq(np.array([[1.0, frozen(r)] for r in cal]), y, rcond=None)[0]
+    return {"library": int(library), "k_weights": round(float(k_w), 3), "train_fixed": int(t0),
+            "k_dequant": round(float(k_d), 3), "k_acts": round(float(k_a), 3), "e0": int(e0), "e1": 0.0,
+            "eval_weights": round(float(ew), 3)}
+
+
 def predict_row(r: dict):
     if r["backend"] == "lean":
         from edgepeft import memory_lean
@@ -108,6 +150,8 @@ def fit(rows: list[dict], backend: str) -> dict:
     """Least squares for each phase's increment over the previous one."""
     if backend == "lean":
         return fit_lean(rows)
+    if backend == "executorch":
+        return fit_planned(rows, backend)
     cal = [r for r in rows if r["calibration"] and r["backend"] == backend]
     if not cal:
         return {}
@@ -158,6 +202,13 @@ class _manifest_like:  # noqa: N801 - just what predict() reads
         self.max_length = r["seq"]
         self.inputs = [type("IO", (), {"shape": ("batch", "seq")})()]
         self.model_name = r["model"]
+        if r.get("planned"):  # a fixed-batch backend reads its planned shape from the bundle
+            from edgepeft.backends import record
+            from edgepeft.manifest import BackendEntry
+
+            self.max_length = r["max_length"]
+            setting = record(r["backend"]).caps.batch_setting
+            self.backends = {r["backend"]: BackendEntry({}, {setting: r["planned"][0]})}
 
 
 def main() -> None:
@@ -172,6 +223,8 @@ def main() -> None:
     t = time.time()
     rows = (json.loads(a.rows.read_text()) if a.rows else
             run(a.models.split(","), a.backends.split(","), GRID, a.work))
+    for r in rows:  # rows reused from an earlier run take today's calibration sets
+        r["calibration"] = (r["model"], r["batch"], r["seq"]) in _calibration(r["backend"])
     (a.work / "rows.json").write_text(json.dumps(rows))
     if a.fit:
         for be in a.backends.split(","):

@@ -18,7 +18,8 @@ from typing import Any, Literal, Mapping
 from edgepeft import names
 from edgepeft.errors import BackendError
 from edgepeft.memory_lean import COSTS as LEAN_COSTS
-from edgepeft.memory_model import ORT_TRAINING_COSTS, PORTABLE_COSTS, BackendCosts, MemoryModel
+from edgepeft.memory_model import (EXECUTORCH_COSTS, ORT_TRAINING_COSTS, PORTABLE_COSTS, BackendCosts, MemoryModel,
+                                   PlannedCosts)
 
 _TRAIN_ALL = "train, evaluate, infer, swap"
 
@@ -113,7 +114,8 @@ REGISTRY: dict[str, BackendRecord] = {r.name: r for r in (
                           "executorch 1.5.1's runtime libraries (no torch) and g++ once, to build the runner",
                           batch_setting=names.EXECUTORCH_BATCH_SIZE),
         export="edgepeft.exporters.targets:build_executorch", members=("training_program", "inference_program"),
-        settings={names.EXECUTORCH_BATCH_SIZE: int}),
+        settings={names.EXECUTORCH_BATCH_SIZE: int},
+        memory=PlannedCosts(EXECUTORCH_COSTS, names.BACKEND_EXECUTORCH, names.EXECUTORCH_BATCH_SIZE)),
 )}
 
 # What export_bundle writes when not told, and every backend it can write.

@@ -105,6 +105,27 @@ class BackendCosts:
         return Prediction("", batch, seq, phases, parts)
 
 
+
+@dataclass(frozen=True)
+class PlannedCosts:
+    """A backend whose programs plan their memory at export for a fixed batch (ExecuTorch): the
+    same terms as ``costs`` at the program's batch, whatever batch is asked (a smaller batch is
+    padded, a larger one split into program-sized chunks), and at the asked sequence length
+    (the arena is planned for the longest, but only the pages a run touches become resident)."""
+
+    costs: BackendCosts
+    backend: str       # whose manifest entry holds the batch
+    batch_setting: str  # that entry's setting
+
+    def predict(self, manifest: Manifest, *, batch: int, seq: int, trainable_params: int) -> Prediction:
+        entry = manifest.backends.get(self.backend)
+        if entry is None:
+            raise SpecError(f"bundle {manifest.model_name!r} has no {self.backend!r} programs to predict")
+        planned = int(entry.settings[self.batch_setting])
+        p = self.costs.predict(manifest, batch=planned, seq=min(seq, manifest.max_length),
+                               trainable_params=trainable_params)
+        return dataclasses.replace(p, batch=batch, seq=seq)
+
 # Python 3.11 + numpy + edgepeft.runtime imported, measured before Session.open.
 INTERPRETER = 33 * MiB
 # `python -m benchmarks.memory_model --fit` (calibration rows only), 2026-11-28; the backends'
@@ -113,6 +134,12 @@ ORT_TRAINING_COSTS = BackendCosts(library=40_577_674, k_weights=1.415, train_fix
                                   k_acts=1.93, e0=1_754_638, e1=0.15, eval_weights=0.797)
 PORTABLE_COSTS = BackendCosts(library=39_370_547, k_weights=1.79, train_fixed=6_673_220, k_dequant=0.503,
                               k_acts=1.417, e0=2_343_313, e1=0.179, eval_weights=2.385)
+
+# `python -m benchmarks.memory_model --backends executorch --fit` (calibration rows only), 2026-12-01,
+# with the native runner (arena shared by both programs, touched pages only).
+# Its record wraps them in PlannedCosts (the programs' fixed batch).
+EXECUTORCH_COSTS = BackendCosts(library=4_742_765, k_weights=0.066, train_fixed=10_055_632, k_dequant=4.315,
+                                k_acts=0.922, e0=285_866, e1=0.0, eval_weights=1.099)
 
 
 def card(manifest: Manifest) -> dict:

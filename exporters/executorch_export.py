@@ -208,6 +208,7 @@ def _training_program(injected: InjectedModel, loss_model: WithLoss, args: tuple
         step = GradientModule(joint, list(injected.trainable_names),
                                {prefix + n: n for n in injected.trainable_names})
         ep = _export(step, (*args, *adapter), (*shapes, *[None] * len(adapter)))
+        _drop_min_asserts(ep.graph_module)
         _infer_symbolic_reshapes(ep.graph_module)
         lowered = to_edge_transform_and_lower(ep, partitioner=[_partitioner()])
         _split_leftover_addmm(lowered)
@@ -223,6 +224,26 @@ def _inference_program(injected: InjectedModel, inf: nn.Module, args: tuple, sha
         lowered = to_edge_transform_and_lower(ep, partitioner=[_partitioner()])
         _split_leftover_addmm(lowered)
         return lowered.to_executorch().buffer
+
+
+def _drop_min_asserts(gm: torch.fx.GraphModule) -> None:
+    """Drop the run-time shape asserts built on ``sym_min`` (a prefix's ``min(3 + s, 128 + s)
+    == 3 + s`` that sympy could not discharge at export): ExecuTorch's verifier has no sym_min,
+    and the sequence is bounded by the program's planned maximum anyway."""
+    doomed: set[torch.fx.Node] = set()
+    todo = [n for n in gm.graph.nodes if n.target is torch.sym_min]
+    while todo:
+        node = todo.pop()
+        for user in node.users:
+            if user not in doomed and user.target is not torch.ops.aten._assert_scalar.default:
+                doomed.add(user)
+                todo.append(user)
+            elif user.target is torch.ops.aten._assert_scalar.default:
+                doomed.add(user)
+    for node in [n for n in reversed(gm.graph.nodes) if n.target is torch.ops.aten._assert_scalar.default and n in doomed]:
+        gm.graph.erase_node(node)
+    gm.graph.eliminate_dead_code()
+    gm.recompile()
 
 
 def _infer_symbolic_reshapes(gm: torch.fx.GraphModule) -> None:
