@@ -199,7 +199,7 @@ def _training_program(injected: InjectedModel, loss_model: WithLoss, args: tuple
     """forward(*model inputs, labels, *adapter tensors in manifest order) -> (loss, *gradients):
     the adapter is an input, so any ExecuTorch runtime's plain method execution trains (no
     training module, no torch on the device) and the session's optimizer owns the update."""
-    from executorch.exir import to_edge_transform_and_lower
+    from executorch.exir import EdgeCompileConfig, to_edge_transform_and_lower
 
     with _stage(injected.plan.what, "training program"):
         joint = joint_forward_backward(_export(loss_model, args, shapes))
@@ -208,9 +208,13 @@ def _training_program(injected: InjectedModel, loss_model: WithLoss, args: tuple
         step = GradientModule(joint, list(injected.trainable_names),
                                {prefix + n: n for n in injected.trainable_names})
         ep = _export(step, (*args, *adapter), (*shapes, *[None] * len(adapter)))
-        _drop_min_asserts(ep.graph_module)
         _infer_symbolic_reshapes(ep.graph_module)
-        lowered = to_edge_transform_and_lower(ep, partitioner=[_partitioner()])
+        # Lowering re-traces the graph and re-creates any sym_min assert: drop them afterwards,
+        # with the verifier (which refuses sym_min) off for such graphs only.
+        has_min = any(n.target is torch.sym_min for n in ep.graph.nodes)
+        lowered = to_edge_transform_and_lower(ep, partitioner=[_partitioner()],
+                                              compile_config=EdgeCompileConfig(_check_ir_validity=not has_min))
+        _drop_min_asserts(lowered.exported_program().graph_module)
         _split_leftover_addmm(lowered)
         return lowered.to_executorch().buffer
 
@@ -235,15 +239,17 @@ def _drop_min_asserts(gm: torch.fx.GraphModule) -> None:
     while todo:
         node = todo.pop()
         for user in node.users:
-            if user not in doomed and user.target is not torch.ops.aten._assert_scalar.default:
+            if user not in doomed:
                 doomed.add(user)
                 todo.append(user)
-            elif user.target is torch.ops.aten._assert_scalar.default:
-                doomed.add(user)
-    for node in [n for n in reversed(gm.graph.nodes) if n.target is torch.ops.aten._assert_scalar.default and n in doomed]:
+    for node in [n for n in reversed(gm.graph.nodes) if _is_assert(n) and n in doomed]:
         gm.graph.erase_node(node)
     gm.graph.eliminate_dead_code()
     gm.recompile()
+
+
+def _is_assert(node: torch.fx.Node) -> bool:
+    return node.op == "call_function" and "_assert_scalar" in str(node.target)  # ATen or edge dialect
 
 
 def _infer_symbolic_reshapes(gm: torch.fx.GraphModule) -> None:
