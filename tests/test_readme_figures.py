@@ -109,7 +109,7 @@ def _numbers_of(obj, out: list) -> None:
 
 
 def numbers_in(path: Path) -> set[str]:
-    """Every number the results file holds, as text at 0 to 4 decimals (both roundings of a
+    """Every number the results file holds, as text at 0 to 8 decimals (both roundings of a
     half), so that a figure matches if the file holds it at the figure's precision."""
     if path.suffix == ".json":
         raw: list = []
@@ -119,7 +119,7 @@ def numbers_in(path: Path) -> set[str]:
     out = set()
     for v in raw:
         v = abs(v)
-        for d in range(5):
+        for d in range(9):
             out.add(f"{v:.{d}f}")
             q = Decimal(repr(float(v))).quantize(Decimal(1).scaleb(-d), rounding=ROUND_HALF_UP)
             out.add(f"{q:.{d}f}")
