@@ -101,6 +101,8 @@ def _record(doc: dict, after_kill: float, budgets: list, res) -> None:
     out = {"command": "make fleet-test", "machine": machine(), "flwr": version("flwr"), "supernodes": 3, "killed": "supernode 2, in round 1",
            "memory_budgets": budgets, "backend": "portable", "run_seconds_after_kill": after_kill,
            "rounds": [{k: r.get(k) for k in keep} | {"train_peak_bytes": [m["train-peak-bytes"] for m in r["train_per_device"]],
+                                                      "train_peak_mib": [round(m["train-peak-bytes"] / 2**20, 1)
+                                                                         for m in r["train_per_device"]],
                                                       "eval_accuracy": (r.get("evaluate") or {}).get("eval-accuracy")}
                       for r in doc["rounds"]],
            "final_version": doc["version"], "final_adapter_verified": True,
