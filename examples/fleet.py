@@ -9,7 +9,8 @@ users: the fleet adapter; each user's local-only adapter (the same local steps, 
 fleet adapter personalized on the device (mixed in behind the guardrail, then one Personalizer
 round); centralized training on the union of every user's training articles; the fleet with
 user-level DP (Flower's client-side clipping + server noise, RDP accountant: epsilon <= 8 at
-delta 1e-5); the fleet with int8 delta uploads. Also: bytes per device per round, and the
+delta 1e-5); the fleet with sample-level DP (DP-SGD on each device over its own articles,
+dp_accounting's RDP accountant: epsilon <= 8 at delta 1e-5 per device); the fleet with int8 delta uploads. Also: bytes per device per round, and the
 fleet's accuracy after each round (PNG)."""
 from __future__ import annotations
 
@@ -44,6 +45,7 @@ class FleetSizes:
     central_steps: int   # centralized training on the union
     epsilon: float = 8.0
     delta: float = 1e-5
+    sample_clip: float = 1.0  # sample-level DP's per-example clipping norm, fixed a priori
 
 
 FULL = FleetSizes(users=20, n_device=40, n_test=15, rounds=6, steps=3, batch=8, max_length=64, central_steps=120)
@@ -84,7 +86,7 @@ def evaluate_on_users(dev, users: dict, tensors) -> dict:
 
 
 def run_fleet(name: str, out: Path, bundle: Path, users: dict, z: FleetSizes, args, key: Path, *,
-              dp_noise: float = 0.0, dp_clip: float = 1.0, int8: bool = False) -> dict:
+              dp_noise: float = 0.0, dp_clip: float = 1.0, int8: bool = False, privacy=None) -> dict:
     from edgepeft.fleet.device import DeviceSettings
     from edgepeft.fleet.server import FleetSettings
     from edgepeft.fleet.simulate import seed_samples, simulate
@@ -92,7 +94,8 @@ def run_fleet(name: str, out: Path, bundle: Path, users: dict, z: FleetSizes, ar
     root = out / name
     seed_samples(root / "dev", {u: d["device"] for u, d in users.items()})
     fleet = FleetSettings(bundle=str(bundle), out=str(root / "server"), rounds=z.rounds, clients=len(users),
-                          local_steps=z.steps, key=str(key), dp_noise=dp_noise, dp_clip=dp_clip, dp_delta=z.delta)
+                          local_steps=z.steps, key=str(key), dp_noise=dp_noise, dp_clip=dp_clip, dp_delta=z.delta,
+                          privacy=privacy)
     device = DeviceSettings(bundle=str(bundle), root=str(root / "dev"), memory_budget=args.budget, backend=args.backend,
                             lr=LR, batch_size=z.batch, trusted_keys=(str(key) + ".pub",))
     t = time.perf_counter()
@@ -138,7 +141,7 @@ def plot(path: Path, curves: dict[str, list[dict]], lines: dict[str, float], tit
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(7, 4.2))
-    for (label, rows), (style, mark) in zip(curves.items(), (("-", "o"), ("-", "s"), ("--", "x"))):
+    for (label, rows), (style, mark) in zip(curves.items(), (("-", "o"), ("-", "s"), ("-", "^"), ("--", "x"))):
         ax.plot([r["round"] for r in rows], [r["accuracy"] for r in rows], linestyle=style, marker=mark, label=label)
     for (label, y), style in zip(lines.items(), (":", "--", "-.")):
         ax.axhline(y, linestyle=style, color="gray", label=f"{label} ({y:.3f})")
@@ -154,7 +157,9 @@ def plot(path: Path, curves: dict[str, list[dict]], lines: dict[str, float], tit
 
 
 def fleets(out: Path, bundle: Path, users: dict, z: FleetSizes, args, key: Path) -> tuple[dict, dict]:
-    """The three Flower runs: plain, DP (epsilon <= z.epsilon) and int8 uploads."""
+    """The four Flower runs: plain, user-level DP and sample-level DP (epsilon <= z.epsilon
+    each) and int8 uploads."""
+    from edgepeft.fleet.privacy import PrivacyConfig
     from edgepeft.fleet.server import epsilon_after, noise_for_epsilon
 
     runs = {"fleet": run_fleet("fleet", out, bundle, users, z, args, key)}
@@ -166,6 +171,8 @@ def fleets(out: Path, bundle: Path, users: dict, z: FleetSizes, args, key: Path)
     say(f"DP: clip {clip:.4f}, noise multiplier {noise:.3f} -> epsilon "
         f"{epsilon_after(z.rounds, noise, len(users), z.delta):.3f} after {z.rounds} rounds at delta {z.delta:g}")
     runs["fleet_dp"] = run_fleet("fleet_dp", out, bundle, users, z, args, key, dp_noise=noise, dp_clip=clip)
+    sample = PrivacyConfig("sample", epsilon=z.epsilon, clip=z.sample_clip, delta=z.delta)
+    runs["fleet_sample_dp"] = run_fleet("fleet_sample_dp", out, bundle, users, z, args, key, privacy=sample)
     runs["fleet_int8"] = run_fleet("fleet_int8", out, bundle, users, z, args, key, int8=True)
     return runs, {"noise_multiplier": noise, "clip": clip, "delta": z.delta}
 
@@ -214,6 +221,7 @@ def summarize(z: FleetSizes, users: dict, runs: dict, dp: dict, curves: dict, ba
         "initial": curves["fleet"][0], **final, **base, "curves": curves,
         "dp": {**dp, "epsilon_per_round": [r.get("epsilon") for r in runs["fleet_dp"]["rounds"]],
                "accuracy_gap_points": 100 * dp_gap, "target_points": 3.0, "met": 100 * dp_gap <= 3.0},
+        "sample_dp": sample_dp_summary(z, runs["fleet_sample_dp"], final),
         "int8": {"accuracy_cost_points": 100 * (final["fleet"]["accuracy"] - final["fleet_int8"]["accuracy"]),
                  "bytes_up_per_device_per_round": up["fleet_int8"]},
         "bytes_per_device_per_round": {"down": runs["fleet"]["rounds"][0]["bytes_down_per_device"], "up": up["fleet"]},
@@ -222,6 +230,19 @@ def summarize(z: FleetSizes, users: dict, runs: dict, dp: dict, curves: dict, ba
         "machine": start, "flwr": version("flwr"), "ray": version("ray"), "loadavg_end": list(os.getloadavg()),
         "command": "python -m examples.fleet" + (" --smoke" if args.smoke else ""),
     }
+
+
+def sample_dp_summary(z: FleetSizes, run: dict, final: dict) -> dict:
+    """Sample-level DP: each device's sigma (calibrated to its sampling rate), its epsilon after
+    each round (the largest over devices), and the gap to the non-private fleet."""
+    per_dev = [m for r in run["rounds"] for m in r.get("train_per_device", [])]
+    noises = sorted({round(m["dp-noise"], 6) for m in per_dev})
+    gap = 100 * (final["fleet"]["accuracy"] - final["fleet_sample_dp"]["accuracy"])
+    return {"mode": "sample", "target_epsilon": z.epsilon, "delta": z.delta, "clip": z.sample_clip,
+            "expected_batch": z.batch, "steps_per_device": z.rounds * z.steps,
+            "noise_multiplier_min": noises[0] if noises else None, "noise_multiplier_max": noises[-1] if noises else None,
+            "epsilon_per_round": [r.get("epsilon") for r in run["rounds"]],
+            "accuracy_gap_points": gap, "target_points": 3.0, "met": gap <= 3.0}
 
 
 def table(res: dict) -> list[tuple[str, str, str]]:
@@ -233,6 +254,8 @@ def table(res: dict) -> list[tuple[str, str, str]]:
             ("centralized", b, f"{res['centralized']['accuracy']:.3f}"),
             (f"fleet, DP eps {eps:.2f}", b,
              f"{res['fleet_dp']['accuracy']:.3f} (gap {res['dp']['accuracy_gap_points']:.1f} points)"),
+            (f"fleet, sample-level DP eps {res['sample_dp']['epsilon_per_round'][-1] or 0.0:.2f}", b,
+             f"{res['fleet_sample_dp']['accuracy']:.3f} (gap {res['sample_dp']['accuracy_gap_points']:.1f} points)"),
             ("fleet, int8 uploads", b,
              f"{res['fleet_int8']['accuracy']:.3f} (cost {res['int8']['accuracy_cost_points']:.1f} points)")]
 
@@ -242,7 +265,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
     z = SMOKE if args.smoke else FULL
     t0 = time.perf_counter()
     out = fresh_dir(args.out)
-    for sub in ("fleet", "fleet_dp", "fleet_int8", "keys"):
+    for sub in ("fleet", "fleet_dp", "fleet_sample_dp", "fleet_int8", "keys"):
         shutil.rmtree(out / sub, ignore_errors=True)
     from edgepeft.specs import LoraSpec
 
@@ -274,7 +297,8 @@ def main(argv: Sequence[str] | None = None) -> dict:
     result = summarize(z, users, runs, dp, curves, base, args, start)
     png = out / "fleet_rounds.png"
     plot(png, {"fleet": curves["fleet"], f"fleet, DP (eps {result['dp']['epsilon_per_round'][-1] or 0:.1f})":
-               curves["fleet_dp"], "fleet, int8 uploads": curves["fleet_int8"]},
+               curves["fleet_dp"], f"fleet, sample-level DP (eps {result['sample_dp']['epsilon_per_round'][-1] or 0:.1f})":
+               curves["fleet_sample_dp"], "fleet, int8 uploads": curves["fleet_int8"]},
          {"local-only (mean)": base["local_only"]["accuracy"], "centralized": base["centralized"]["accuracy"],
           "fleet + personalization": base["fleet_personalized"]["accuracy"]},
          f"MiniLM LoRA-FA, {len(users)} BBC News users, {z.rounds} rounds x {z.steps} local steps")
@@ -284,7 +308,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
         say(f"plot: {args.results.with_name('fleet_rounds.png')}")
     result["before"] = {"loss": result["initial"]["loss"], "accuracy": result["initial"]["accuracy"]}
     result["after"] = {n: {"loss": result[n]["loss"], "accuracy": result[n]["accuracy"]}
-                       for n in ("fleet", "fleet_dp", "fleet_int8")}
+                       for n in ("fleet", "fleet_dp", "fleet_sample_dp", "fleet_int8")}
     return report("fleet learning (MiniLM + BBC News, Flower simulation)", table(result), result, out, t0)
 
 

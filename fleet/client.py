@@ -59,11 +59,17 @@ def handle_train(msg: Message, context: Context, resolve: Resolver) -> Message:
     settings, user = resolve(context)
     dev = device_for(settings)
     fleet, cfg = _accepted(dev, msg)
-    new, n, losses = dev.train(user, fleet, steps=int(cfg["local-steps"]), seed=f"{cfg['server-round']}:{user}")
+    steps, extra = int(cfg["local-steps"]), {}
+    if dev.settings.privacy is not None:  # sample-level DP-SGD; its epsilon so far goes back
+        new, n, losses, info = dev.train_private(user, fleet, steps=steps, round_=int(cfg["server-round"]),
+                                                 rounds=int(cfg["planned-rounds"]))
+        extra = {"dp-epsilon": info["epsilon"], "dp-delta": info["delta"], "dp-noise": info["noise"]}
+    else:
+        new, n, losses = dev.train(user, fleet, steps=steps, seed=f"{cfg['server-round']}:{user}")
     norm = float(np.sqrt(sum(float(np.sum((new[k] - fleet[k]) ** 2)) for k in new)))
     metrics = MetricRecord({"num-examples": n, "unit-weight": 1, "update-norm": norm, "train-loss-first": losses[0],
                             "train-loss-last": losses[-1],
-                            "train-peak-bytes": int(dev.session.budget.peaks.get("train_step", 0))})
+                            "train-peak-bytes": int(dev.session.budget.peaks.get("train_step", 0)), **extra})
     # In the manifest's order, as received: Flower's clipping mod compares the key lists.
     content = RecordDict({"arrays": to_record({k: new[k] for k in dev.manifest.trainable_names}), "metrics": metrics,
                           "fleet": ConfigRecord({"bundle-sha256": dev.bundle_sha})})

@@ -25,6 +25,7 @@ from edgepeft.runtime.samples import Sample
 
 from edgepeft.fleet import signed
 from edgepeft.fleet.errors import FleetError
+from edgepeft.fleet.privacy import PrivacyConfig
 from edgepeft.fleet.wire import Tensors, bundle_sha256, check_tensors
 
 BASE_ADAPTER = "fleet-base"
@@ -47,6 +48,7 @@ class DeviceSettings:
     trusted_keys: tuple[str, ...] = ()
     cache_dir: str | None = None
     personal_steps: int = 10     # steps of a personalization round (edgepeft.fleet.personal)
+    privacy: PrivacyConfig | None = None  # mode "sample": local steps are DP-SGD (edgepeft.fleet.privacy)
 
     def __post_init__(self) -> None:
         for name in ("threads", "batch_size", "eval_batch_size", "personal_steps"):
@@ -55,6 +57,9 @@ class DeviceSettings:
                 raise SpecError(f"`{name}` must be an int >= 1, got {v!r}")
         if not (isinstance(self.lr, (int, float)) and self.lr > 0):
             raise SpecError(f"`lr` must be > 0, got {self.lr!r}")
+        if self.privacy is not None and self.privacy.mode != "sample":
+            raise SpecError(f"a device's `privacy` is sample-level DP (mode 'sample'), got mode {self.privacy.mode!r}: "
+                            "client-level DP is the server's FleetSettings(privacy=...)")
         if self.memory_budget is not None:
             parse_size(self.memory_budget)
         if not Path(self.bundle).is_file():
@@ -117,6 +122,30 @@ class Device:
         self.load(f"{user}.fleet", fleet)
         losses = [self.session.train_step(b) for b in self._batches(train, steps, seed)]
         return self.session.parameters(), len(train), losses
+
+    def train_private(self, user: str, fleet: Mapping[str, np.ndarray], *, steps: int, round_: int,
+                      rounds: int, rng: np.random.Generator | None = None) -> tuple[Tensors, int, list[float], dict]:
+        """``train`` as DP-SGD (``settings.privacy``, mode "sample"): Poisson batches of expected
+        size ``batch_size``, sigma calibrated for the target epsilon over ``rounds`` x ``steps``
+        steps; also returns {noise, q, clip, delta, epsilon after ``round_`` rounds}."""
+        from edgepeft.fleet import privacy as dp
+
+        cfg = self.settings.privacy
+        train = self.samples(user)[0]
+        if not train:
+            raise FleetError(f"user {user!r} has no training samples in {self.settings.root!r}: add samples first")
+        q = dp.sampling_rate(self.settings.batch_size, len(train))
+        noise = dp.noise_for(cfg, q=q, planned_steps=rounds * steps)
+        rng = rng or np.random.default_rng()  # OS entropy: DP noise must not be predictable
+        self.load(f"{user}.fleet", fleet)
+        losses = []
+        for _ in range(steps):
+            pick = dp.poisson_sample(len(train), q, rng)
+            losses.append(dp.dpsgd_step(self.session, self.batch([train[i] for i in pick]) if pick else None,
+                                        noise=noise, clip=cfg.clip, expected_batch=q * len(train), rng=rng))
+        eps = dp.dpsgd_epsilon(noise, q=q, steps=round_ * steps, delta=cfg.delta)
+        info = {"noise": noise, "q": q, "clip": cfg.clip, "delta": cfg.delta, "epsilon": eps}
+        return self.session.parameters(), len(train), losses, info
 
     def evaluate(self, user: str, tensors: Mapping[str, np.ndarray] | None = None,
                  samples: Sequence[Sample] | None = None) -> EvalResult:

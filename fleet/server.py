@@ -19,6 +19,7 @@ from edgepeft.errors import SpecError
 from edgepeft.fsutil import atomic_write_bytes
 from edgepeft.signing import load_private_key
 
+from edgepeft.fleet.privacy import PrivacyConfig
 from edgepeft.fleet.strategy import FleetStrategy
 from edgepeft.fleet.wire import bundle_sha256, to_record
 
@@ -43,8 +44,13 @@ class FleetSettings:
     timeout: float = 600.0
     cache_dir: str | None = None
     secagg: bool = False         # SecAgg+ (edgepeft.fleet.secagg): the server sees only the sum
+    # DP as one config (edgepeft.fleet.privacy): mode "client" sets dp_noise/dp_clip/dp_delta
+    # (noise calibrated here for its epsilon); mode "sample" runs DP-SGD on the devices.
+    privacy: PrivacyConfig | None = None
 
     def __post_init__(self) -> None:
+        if self.privacy is not None:
+            self._resolve_privacy()
         for name in ("rounds", "clients", "local_steps"):
             v = getattr(self, name)
             if not isinstance(v, int) or isinstance(v, bool) or v < 1:
@@ -52,9 +58,24 @@ class FleetSettings:
         if self.dp_noise < 0 or self.dp_clip <= 0 or not 0 < self.dp_delta < 1 or self.timeout <= 0:
             raise SpecError(f"DP settings out of range: dp_noise={self.dp_noise} (>= 0), dp_clip={self.dp_clip} (> 0), "
                             f"dp_delta={self.dp_delta} (in (0, 1)), timeout={self.timeout} (> 0)")
-        if self.secagg and (self.dp_noise > 0 or self.clients < 3):
+        if self.secagg and (self.dp_noise > 0 or self.privacy is not None or self.clients < 3):
             raise SpecError("`secagg` needs >= 3 clients and runs without DP noise here (Flower's SecAgg+ workflow "
                             "is a legacy workflow, its DP wrappers are not); drop one of them")
+
+
+    def _resolve_privacy(self) -> None:
+        p = self.privacy
+        if self.dp_noise > 0:
+            raise SpecError("give DP either as `privacy` or as `dp_noise`, not both")
+        if p.mode == "client":
+            noise = p.noise_multiplier if p.noise_multiplier is not None else noise_for_epsilon(
+                p.epsilon, rounds=self.rounds, clients=self.clients, delta=p.delta)
+            for k, v in (("dp_noise", noise), ("dp_clip", p.clip), ("dp_delta", p.delta)):
+                object.__setattr__(self, k, v)  # frozen: the derived fields are set once, here
+
+    @property
+    def sample_dp(self) -> bool:
+        return self.privacy is not None and self.privacy.mode == "sample"
 
 
 def accountant(settings: FleetSettings):
@@ -87,8 +108,9 @@ def noise_for_epsilon(epsilon: float, *, rounds: int, clients: int, delta: float
 def inner_strategy(settings: FleetSettings):
     n = settings.clients
     dp = settings.dp_noise > 0
+    # DP weights devices uniformly: a weight by example count would depend on the data.
     avg = FedAvg(fraction_train=1.0, fraction_evaluate=1.0, min_train_nodes=n, min_evaluate_nodes=n,
-                 min_available_nodes=n, weighted_by_key="unit-weight" if dp else "num-examples")
+                 min_available_nodes=n, weighted_by_key="unit-weight" if dp or settings.sample_dp else "num-examples")
     if not dp:
         return avg
     return DifferentialPrivacyClientSideFixedClipping(avg, settings.dp_noise, settings.dp_clip, n,
@@ -106,7 +128,7 @@ def run_fleet(grid: Grid, settings: FleetSettings) -> dict[str, Any]:
     strat = FleetStrategy(inner_strategy(settings), manifest=opened.manifest, bundle_sha=bundle_sha256(settings.bundle),
                           publish_dir=out / "published", key=key)
     strat.start(grid, to_record(initial), num_rounds=settings.rounds, timeout=settings.timeout,
-                train_config=ConfigRecord({"local-steps": settings.local_steps}), evaluate_config=ConfigRecord())
+                train_config=ConfigRecord({"local-steps": settings.local_steps, "planned-rounds": settings.rounds}), evaluate_config=ConfigRecord())
     doc = {"settings": asdict(settings), "bundle_sha256": strat.bundle_sha, "version": strat.version,
            "trainable_params": opened.manifest.trainable_params, "rounds": strat.history}
     atomic_write_bytes(out / "fleet.json", json.dumps(doc, indent=1, default=str).encode())

@@ -52,7 +52,8 @@ def simulate(fleet: FleetSettings, device: DeviceSettings, *, nodes: int, int8: 
 
     # The bundle cache is resolved here: ray's worker processes need not see this process's
     # environment (EDGEPEFT_CACHE).
-    device = replace(device, threads=max(1, cpus), cache_dir=device.cache_dir or str(default_cache_dir()))
+    device = replace(device, threads=max(1, cpus), cache_dir=device.cache_dir or str(default_cache_dir()),
+                     privacy=fleet.privacy if fleet.sample_dp else device.privacy)
     client = make_client_app(SimResolver(device), clip=fleet.dp_noise > 0, int8=int8, secagg=fleet.secagg)
     backend = {"client_resources": {"num_cpus": cpus, "num_gpus": 0.0},
                "init_args": {"num_cpus": cpus, "num_gpus": 0, "include_dashboard": False,

@@ -115,6 +115,9 @@ class FleetStrategy(Strategy):
         spent = getattr(self.inner, "privacy_spent", lambda: None)()
         if spent is not None:
             row.update(epsilon=spent.epsilon, delta=spent.delta)
+        eps = [m["dp-epsilon"] for m in row["train_per_device"] if "dp-epsilon" in m]
+        if eps and spent is None:  # sample-level DP: each device's own accountant (fleet.privacy)
+            row.update(epsilon=max(eps), delta=row["train_per_device"][0]["dp-delta"], epsilon_per_device=eps)
         if metrics is not None:
             row["train"] = dict(metrics)
         return arrays, metrics

@@ -231,6 +231,83 @@ def test_settings_are_checked(bundles, tmp_path):
         DeviceSettings(bundle=str(bundles["lora"]), root=str(tmp_path), batch_size=0)
 
 
+# -- sample-level DP (DP-SGD on the device) -------------------------------------------------------
+
+def _dp_grads(dev: Device, monkeypatch, batch, **kw) -> dict[str, np.ndarray]:
+    """The gradient one DP-SGD step hands to the session's optimizer step (captured there)."""
+    from edgepeft.fleet import privacy as dp
+
+    seen = {}
+    monkeypatch.setattr(dev.session, "_apply", lambda loss, grads: seen.update(grads))
+    dp.dpsgd_step(dev.session, batch, rng=np.random.default_rng(0), **kw)
+    return seen
+
+
+def _norm(grads) -> float:
+    return float(np.sqrt(sum(float(np.sum(np.square(g, dtype=np.float64))) for g in grads.values())))
+
+
+def test_privacy_config_is_checked():
+    from edgepeft.fleet.privacy import PrivacyConfig
+
+    for bad in (dict(mode="example", epsilon=8), dict(mode="sample"), dict(mode="sample", epsilon=8, noise_multiplier=1),
+                dict(mode="sample", epsilon=0), dict(mode="sample", epsilon=8, clip=0),
+                dict(mode="client", noise_multiplier=-1), dict(mode="sample", epsilon=8, delta=1)):
+        with pytest.raises(SpecError):
+            PrivacyConfig(**bad)
+    c = FleetSettings(bundle="b", out="o", rounds=6, clients=20, privacy=PrivacyConfig("client", epsilon=8, clip=0.5))
+    assert (c.dp_clip, c.dp_delta) == (0.5, 1e-5) and epsilon_after(6, c.dp_noise, 20, 1e-5) <= 8
+
+
+def test_dpsgd_clips_each_example_and_noise_has_std_sigma_clip(device, monkeypatch):
+    from edgepeft.fleet.privacy import clip_grads, one
+
+    device.load("a.fleet", initial(device))
+    batch = device.batch(device.samples("a")[0][:4])
+    raw = [device.session.backend.forward_backward(one(batch, i))[1] for i in range(4)]
+    clip = min(_norm(g) for g in raw) / 3  # every example's gradient is longer than the clip
+    assert all(_norm(clip_grads(g, clip)[0]) == pytest.approx(clip, rel=1e-5) for g in raw)
+    # One example's contribution to the (noise-free) sum: with it minus without it, <= clip,
+    # where the unclipped contribution is 3x longer.
+    full = _dp_grads(device, monkeypatch, batch, noise=0.0, clip=clip, expected_batch=1)
+    rest = _dp_grads(device, monkeypatch, device.batch(device.samples("a")[0][1:4]),
+                     noise=0.0, clip=clip, expected_batch=1)
+    assert _norm({k: full[k] - rest[k] for k in full}) <= clip * (1 + 1e-4)
+    assert _norm(raw[0]) > 2.9 * clip
+    # An empty Poisson draw is a noise-only step: std sigma * clip / expected batch.
+    noise = _dp_grads(device, monkeypatch, None, noise=1.5, clip=0.2, expected_batch=4)
+    flat = np.concatenate([g.ravel() for g in noise.values()])
+    assert flat.size > 1000 and abs(float(flat.mean())) < 0.01
+    assert float(flat.std()) == pytest.approx(1.5 * 0.2 / 4, rel=0.1)
+
+
+def test_dpsgd_without_noise_and_clipping_is_a_plain_step(device):
+    from edgepeft.fleet.privacy import dpsgd_step
+
+    start = initial(device)
+    batch = device.batch(device.samples("a")[0][:4])
+    device.load("a.fleet", start)
+    loss = dpsgd_step(device.session, batch, noise=0.0, clip=1e9, expected_batch=4, rng=np.random.default_rng(0))
+    private = device.session.parameters()
+    device.load("a.fleet", start)
+    assert device.session.train_step(batch) == pytest.approx(loss, rel=1e-5)
+    plain = device.session.parameters()
+    assert any(not np.array_equal(plain[k], start[k]) for k in plain)
+    assert all(np.allclose(private[k], plain[k], rtol=1e-4, atol=1e-6) for k in plain)
+
+
+def test_dpsgd_accounting_meets_the_target_epsilon(device, monkeypatch):
+    from edgepeft.fleet.privacy import PrivacyConfig, dpsgd_epsilon, dpsgd_noise
+
+    sigma = dpsgd_noise(8.0, q=0.25, steps=18, delta=1e-5)
+    assert 7.9 < dpsgd_epsilon(sigma, q=0.25, steps=18, delta=1e-5) <= 8.0
+    assert dpsgd_epsilon(0.95 * sigma, q=0.25, steps=18, delta=1e-5) > 8.0  # the smallest such sigma
+    assert dpsgd_epsilon(sigma, q=1.0, steps=18, delta=1e-5) > 8.0  # subsampling amplifies
+    monkeypatch.setattr(device, "settings", dataclasses.replace(device.settings, privacy=PrivacyConfig("sample", epsilon=2.0)))
+    eps = [device.train_private("a", initial(device), steps=2, round_=r, rounds=3)[3]["epsilon"] for r in (1, 3)]
+    assert 0 < eps[0] < eps[1] <= 2.0 and eps[1] > 1.98
+
+
 # -- real Flower simulations ----------------------------------------------------------------------
 
 def _simulate(bundle, tmp_path, cache_dir, **kw):
@@ -299,6 +376,19 @@ def test_simulation_dp_int8_signed_lora_fa(bundles, keys, tmp_path, cache_dir):
     t, v = signed.load_published(tmp_path / "server" / "published", bundle_sha256=doc["bundle_sha256"],
                                  trusted_keys=[pub])
     assert v == 2 and (tmp_path / "server" / "published" / "round-0002" / "fleet.sig").is_file()
+
+
+def test_simulation_sample_level_dp(bundles, tmp_path, cache_dir):
+    from edgepeft.fleet.privacy import PrivacyConfig
+
+    doc = _simulate(bundles["fa"], tmp_path, cache_dir, privacy=PrivacyConfig("sample", epsilon=4.0, clip=0.5))
+    rounds = doc["rounds"]
+    assert all(r["replies"] == 3 and not r["refused"] for r in rounds)
+    # Each device's own accountant, per round; the server reports the largest.
+    assert all(len(r["epsilon_per_device"]) == 3 and r["epsilon"] == max(r["epsilon_per_device"]) for r in rounds)
+    assert 0 < rounds[0]["epsilon"] < rounds[1]["epsilon"] <= 4.0 and rounds[1]["delta"] == 1e-5
+    assert all(m["dp-noise"] > 0 for r in rounds for m in r["train_per_device"])
+    assert doc["settings"]["privacy"]["mode"] == "sample" and doc["settings"]["dp_noise"] == 0
 
 
 def test_simulation_secure_aggregation_gives_the_weighted_mean(bundles, keys, tmp_path, cache_dir):

@@ -30,9 +30,13 @@ def fleet() -> None:
 @click.option("--key", type=click.Path(exists=True, dir_okay=False, path_type=Path),
               help="Publisher private key (`edgepeft keygen`): fleet adapters are signed and devices verify "
                    "them with KEY.pub.")
-@click.option("--dp-epsilon", type=float, help="User-level DP: pick the noise for this epsilon after --rounds.")
+@click.option("--dp-mode", default="client", show_default=True, type=click.Choice(["client", "sample"]),
+              help="DP's unit: a user's whole update (clipped on the device, noised on the server) or one sample "
+                   "(DP-SGD on each device).")
+@click.option("--dp-epsilon", type=float, help="DP: pick the noise for this epsilon after --rounds.")
 @click.option("--dp-noise", default=0.0, show_default=True, type=float, help="DP noise multiplier (0: off).")
-@click.option("--dp-clip", default=1.0, show_default=True, type=float, help="DP clipping norm of an update.")
+@click.option("--dp-clip", default=1.0, show_default=True, type=float,
+              help="DP clipping norm (of an update; of a sample's gradient with --dp-mode sample).")
 @click.option("--dp-delta", default=1e-5, show_default=True, type=float)
 @click.option("--int8", is_flag=True, help="Devices upload int8 deltas.")
 @click.option("--budget", default=None, help="Each device's memory budget, e.g. 512MB.")
@@ -40,20 +44,22 @@ def fleet() -> None:
 @click.option("--threads", default=1, show_default=True, type=click.IntRange(min=1),
               help="CPUs for the simulated device process.")
 def simulate(bundle: Path, data: Path, clients: int, rounds: int, steps: int, batch_size: int, lr: float, out: Path,
-             key: Path | None, dp_epsilon: float | None, dp_noise: float, dp_clip: float, dp_delta: float, int8: bool,
+             key: Path | None, dp_mode: str, dp_epsilon: float | None, dp_noise: float, dp_clip: float, dp_delta: float,
+             int8: bool,
              budget: str | None, backend: str, threads: int) -> None:
     """Run a fleet on Flower's simulation engine (one machine): CLIENTS devices, ROUNDS rounds."""
     from edgepeft.fleet.device import DeviceSettings
-    from edgepeft.fleet.server import FleetSettings, noise_for_epsilon
+    from edgepeft.fleet.privacy import PrivacyConfig
+    from edgepeft.fleet.server import FleetSettings
     from edgepeft.fleet.simulate import seed_samples, simulate as run
 
     users = _deal(data, clients)
-    if dp_epsilon is not None:
-        dp_noise = noise_for_epsilon(dp_epsilon, rounds=rounds, clients=clients, delta=dp_delta)
+    privacy = None if dp_epsilon is None and dp_noise == 0 else PrivacyConfig(
+        dp_mode, epsilon=dp_epsilon, noise_multiplier=None if dp_epsilon is not None else dp_noise, clip=dp_clip,
+        delta=dp_delta)
     seed_samples(out / "devices", users)
     doc = run(FleetSettings(bundle=str(bundle), out=str(out / "server"), rounds=rounds, clients=clients,
-                            local_steps=steps, key=str(key) if key else None, dp_noise=dp_noise, dp_clip=dp_clip,
-                            dp_delta=dp_delta),
+                            local_steps=steps, key=str(key) if key else None, privacy=privacy),
               DeviceSettings(bundle=str(bundle), root=str(out / "devices"), memory_budget=budget, backend=backend,
                              lr=lr, batch_size=batch_size, trusted_keys=(f"{key}.pub",) if key else ()),
               nodes=clients, int8=int8, cpus=threads)
