@@ -226,6 +226,20 @@ def test_damaged_program_is_a_bundle_error_naming_the_member(bundle, tmp_path):
         ExecutorchBackend(dataclasses.replace(b, root=copy))
 
 
+def test_a_budget_is_prechecked_by_executorchs_memory_model(bundle):
+    """The memory model predicts this backend (no "measured only" note): a budget below its
+    prediction is refused before anything loads, one above it opens and trains."""
+    from edgepeft.errors import MemoryBudgetError
+
+    d, res = bundle
+    kw = dict(store=d / "budget", cache_dir=d / "cache", backend="executorch", threads=1, batch_size=BATCH)
+    with pytest.raises(MemoryBudgetError, match="predicted to need"):
+        Session.open(res.path, adapter="tight", memory_budget="1MB", **kw)
+    s = Session.open(res.path, adapter="roomy", memory_budget="1GB", **kw)
+    assert s.budget.notes == []
+    s.train_step(EXAMPLES[:BATCH])
+
+
 def test_bundle_without_executorch_is_refused(bundle, tmp_path):
     from edgepeft.errors import BackendError
     from edgepeft.exporters import export_bundle, load_model
