@@ -72,8 +72,9 @@ def test_every_backend_is_a_cli_choice():
     for cmd, opt in found.items():
         assert isinstance(opt.type, click.Choice), cmd
         assert [c for c in opt.type.choices if c != "auto"] == list(REGISTRY), cmd
-        # "auto" where Session.open chooses (train, profile), never where a graph is written.
-        assert ("auto" in opt.type.choices) == (cmd in ("train", "profile")), cmd
+        # "auto" where Session.open chooses (train, profile, the fleet's devices), never where a
+        # graph is written.
+        assert ("auto" in opt.type.choices) == (cmd in ("train", "profile", "fleet simulate")), cmd
 
 
 def test_names_and_registry_agree():

@@ -20,6 +20,9 @@ NUMPY_LOADS = {"np.load", "numpy.load"}
 ALLOWED = {
     ("runtime/backends/lean.py", "calls ctypes.CDLL"):
         "the C library under its fixed name, for malloc_trim; never a path from a bundle",
+    ("runtime/native/__init__.py", "calls ctypes.CDLL"):
+        "the ExecuTorch runner the project builds into its own cache (runtime/native/build.py); "
+        "never a path from a bundle",
 }
 
 
