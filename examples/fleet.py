@@ -86,7 +86,7 @@ def evaluate_on_users(dev, users: dict, tensors) -> dict:
 
 
 def run_fleet(name: str, out: Path, bundle: Path, users: dict, z: FleetSizes, args, key: Path, *,
-              dp_noise: float = 0.0, dp_clip: float = 1.0, int8: bool = False, privacy=None) -> dict:
+              dp_noise: float = 0.0, dp_clip: float = 1.0, int8: bool = False, privacy=None, lr: float = 0.0) -> dict:
     from edgepeft.fleet.device import DeviceSettings
     from edgepeft.fleet.server import FleetSettings
     from edgepeft.fleet.simulate import seed_samples, simulate
@@ -97,7 +97,7 @@ def run_fleet(name: str, out: Path, bundle: Path, users: dict, z: FleetSizes, ar
                           local_steps=z.steps, key=str(key), dp_noise=dp_noise, dp_clip=dp_clip, dp_delta=z.delta,
                           privacy=privacy)
     device = DeviceSettings(bundle=str(bundle), root=str(root / "dev"), memory_budget=args.budget, backend=args.backend,
-                            lr=LR, batch_size=z.batch, trusted_keys=(str(key) + ".pub",))
+                            lr=lr or LR, batch_size=z.batch, trusted_keys=(str(key) + ".pub",))
     t = time.perf_counter()
     doc = simulate(fleet, device, nodes=len(users), int8=int8, cpus=args.threads)
     doc["wall_seconds"] = round(time.perf_counter() - t, 1)
