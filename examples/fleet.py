@@ -227,7 +227,7 @@ def summarize(z: FleetSizes, users: dict, runs: dict, dp: dict, curves: dict, ba
         "bytes_per_device_per_round": {"down": runs["fleet"]["rounds"][0]["bytes_down_per_device"], "up": up["fleet"]},
         "runs": {n: {"wall_seconds": r["wall_seconds"], "rounds": r["rounds"]} for n, r in runs.items()},
         "trainable_params": runs["fleet"]["trainable_params"], "backend": args.backend,
-        "machine": start, "flwr": version("flwr"), "ray": version("ray"), "loadavg_end": list(os.getloadavg()),
+        "machine": start, "flwr": version("flwr"), "ray": version("ray"), "dp_accounting": version("dp-accounting"), "loadavg_end": list(os.getloadavg()),
         "command": "python -m examples.fleet" + (" --smoke" if args.smoke else ""),
     }
 
