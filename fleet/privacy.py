@@ -47,7 +47,8 @@ class PrivacyConfig:
                             f"epsilon={self.epsilon!r}, noise_multiplier={self.noise_multiplier!r}")
         if self.epsilon is not None and not (math.isfinite(self.epsilon) and self.epsilon > 0):
             raise SpecError(f"`epsilon` must be > 0, got {self.epsilon!r}")
-        if self.noise_multiplier is not None and not (math.isfinite(self.noise_multiplier) and self.noise_multiplier >= 0):
+        sigma = self.noise_multiplier
+        if sigma is not None and not (math.isfinite(sigma) and sigma >= 0):
             raise SpecError(f"`noise_multiplier` must be >= 0, got {self.noise_multiplier!r}")
         if not (math.isfinite(self.clip) and self.clip > 0):
             raise SpecError(f"`clip` must be > 0, got {self.clip!r}")

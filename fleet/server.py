@@ -62,7 +62,6 @@ class FleetSettings:
             raise SpecError("`secagg` needs >= 3 clients and runs without DP noise here (Flower's SecAgg+ workflow "
                             "is a legacy workflow, its DP wrappers are not); drop one of them")
 
-
     def _resolve_privacy(self) -> None:
         p = self.privacy
         if self.dp_noise > 0:
@@ -128,7 +127,9 @@ def run_fleet(grid: Grid, settings: FleetSettings) -> dict[str, Any]:
     strat = FleetStrategy(inner_strategy(settings), manifest=opened.manifest, bundle_sha=bundle_sha256(settings.bundle),
                           publish_dir=out / "published", key=key)
     strat.start(grid, to_record(initial), num_rounds=settings.rounds, timeout=settings.timeout,
-                train_config=ConfigRecord({"local-steps": settings.local_steps, "planned-rounds": settings.rounds}), evaluate_config=ConfigRecord())
+                # planned-rounds: sample-level DP calibrates its noise over the whole run
+                train_config=ConfigRecord({"local-steps": settings.local_steps, "planned-rounds": settings.rounds}),
+                evaluate_config=ConfigRecord())
     doc = {"settings": asdict(settings), "bundle_sha256": strat.bundle_sha, "version": strat.version,
            "trainable_params": opened.manifest.trainable_params, "rounds": strat.history}
     atomic_write_bytes(out / "fleet.json", json.dumps(doc, indent=1, default=str).encode())
