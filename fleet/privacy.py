@@ -144,7 +144,7 @@ def dpsgd_step(session, batch: Batch | None, *, noise: float, clip: float, expec
     (0.0 for an empty draw, which still takes a noise-only step, as the accounting assumes)."""
     shapes = {t.name: tuple(t.shape) for t in session.manifest.trainable}
     losses, clipped = [], []
-    with session.budget.phase("train_step"):
+    with session.training_phase():
         for i in range(0 if batch is None else len(batch)):
             loss, grads = session.backend.forward_backward(one(batch, i))
             losses.append(float(loss))
@@ -152,5 +152,5 @@ def dpsgd_step(session, batch: Batch | None, *, noise: float, clip: float, expec
         grads = noisy_mean(clipped, shapes, noise=noise, clip=clip, expected_batch=expected_batch, rng=rng)
         loss = sum(losses) / len(losses) if losses else 0.0
         # The session's own step: gradient shape checks, finite checks, the update guard.
-        session._apply(loss, grads)
+        session.apply_gradients(loss, grads)
     return loss

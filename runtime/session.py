@@ -259,6 +259,18 @@ class Session:
             self._apply(loss, grads)
         return loss
 
+    def apply_gradients(self, loss: float, grads: Mapping[str, np.ndarray]) -> None:
+        """One optimizer step on the active adapter from gradients computed elsewhere (DP-SGD's
+        clipped, noised mean in edgepeft.fleet): the same shape, finiteness and update-size checks
+        as ``train_step``, NumericalError/BackendError changing nothing. Run it inside
+        ``training_phase()`` so that the budget's watchdog saves the adapter before it stops."""
+        self._apply(float(loss), dict(grads))
+
+    def training_phase(self):
+        """The train step's metered phase (with the save-and-stop watchdog), for steps built from
+        ``backend.forward_backward`` calls outside ``train_step``."""
+        return self.budget.phase("train_step", on_over=self._save_and_stop)
+
     def _apply(self, loss: float, grads: dict[str, np.ndarray]) -> None:
         """The optimizer step on the active adapter, or NumericalError changing nothing."""
         cur = self._cur
