@@ -31,7 +31,7 @@ native: setup
 
 # Test files run on both cores (one file per worker keeps module fixtures shared).
 test: setup
-	$(BIN)/python -m pytest -q -n 2 --dist loadfile
+	$(BIN)/python -m pytest -q -n 2 --dist loadfile --durations=20
 
 test-fast: setup
 	$(BIN)/python -m pytest -q -n 2 --dist loadfile -m "not slow"
