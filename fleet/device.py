@@ -10,7 +10,6 @@ trainable tensors with the number of training samples. The user's personal adapt
 after the user) is only touched by ``edgepeft.fleet.personal``."""
 from __future__ import annotations
 
-import random
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator, Mapping, Sequence
@@ -21,7 +20,7 @@ from edgepeft.data import Batch, Example
 from edgepeft.errors import SignatureError, SpecError
 from edgepeft.memory import parse_size
 from edgepeft.runtime import EvalResult, OptimizerSpec, Personalizer, PersonalizerConfig, Session
-from edgepeft.runtime.samples import Sample
+from edgepeft.runtime.samples import Sample, shuffled_batches
 
 from edgepeft.fleet import signed
 from edgepeft.fleet.errors import FleetError
@@ -161,14 +160,7 @@ class Device:
 
     def _batches(self, train: list[Sample], steps: int, seed: str) -> Iterator[Batch]:
         """``steps`` batches without replacement, reshuffled after each pass."""
-        rng, order = random.Random(seed), []
-        for _ in range(steps):
-            batch = []
-            while len(batch) < min(self.settings.batch_size, len(train)):
-                if not order:
-                    order = train[:]
-                    rng.shuffle(order)
-                batch.append(order.pop())
+        for batch in shuffled_batches(train, steps, self.settings.batch_size, seed):
             yield self.batch(batch)
 
     def close(self) -> None:

@@ -9,7 +9,6 @@ live in the session's adapter store under the users' names. Torch-free."""
 from __future__ import annotations
 
 import math
-import random
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -18,7 +17,7 @@ from typing import Any, Callable, Literal, Mapping, Sequence
 from edgepeft.adapters import check_adapter_name
 from edgepeft.data import Batch, Example
 from edgepeft.errors import AdapterError, DataError, MemoryBudgetError, SpecError
-from edgepeft.runtime.samples import RecordLog, Sample, SampleBuffer
+from edgepeft.runtime.samples import RecordLog, Sample, SampleBuffer, shuffled_batches
 from edgepeft.errors import NumericalError
 from edgepeft.runtime.session import EvalResult, Session
 
@@ -289,15 +288,7 @@ class Personalizer:
 
     def _train_batches(self, train: list[Sample], seed: str):
         """``steps`` batches drawn without replacement, reshuffling each pass over the data."""
-        rng = random.Random(seed)
-        order: list[Sample] = []
-        for _ in range(self.config.steps):
-            batch = []
-            while len(batch) < min(self.config.batch_size, len(train)):
-                if not order:
-                    order = train[:]
-                    rng.shuffle(order)
-                batch.append(order.pop())
+        for batch in shuffled_batches(train, self.config.steps, self.config.batch_size, seed):
             yield self._batch(batch)
 
     # -- adapters --------------------------------------------------------------------------

@@ -10,10 +10,11 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import random
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator, Mapping
+from typing import Any, Iterator, Mapping, Sequence, TypeVar
 
 from edgepeft.errors import DataError, SpecError
 from edgepeft.fsutil import atomic_path, fsync_dir
@@ -164,3 +165,20 @@ class SampleBuffer:
             self.log.rewrite([{"seq": s.seq, "data": s.data} for s in self._samples])
             self._on_disk = len(self._samples)
         return new
+
+
+T = TypeVar("T")
+
+
+def shuffled_batches(items: Sequence[T], steps: int, batch_size: int, seed: str) -> Iterator[list[T]]:
+    """``steps`` batches of ``items`` drawn without replacement, reshuffled after each pass (the
+    Personalizer's rounds and a fleet device's local steps); the same seed gives the same batches."""
+    rng, order = random.Random(seed), []
+    for _ in range(steps):
+        batch: list[T] = []
+        while len(batch) < min(batch_size, len(items)):
+            if not order:
+                order = list(items)
+                rng.shuffle(order)
+            batch.append(order.pop())
+        yield batch
