@@ -4,8 +4,10 @@ torch, no onnxruntime-training). Used to prove the device path runs without the 
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
+import tempfile
 import venv
 from pathlib import Path
 
@@ -15,11 +17,30 @@ DEVICE_REQUIREMENTS = ("onnxruntime", "numpy", "safetensors", "tokenizers", "cli
                        "tomli; python_version < '3.11'")
 
 
+def _source_copy(dst: Path) -> Path:
+    """The distribution's sources (pyproject, README, every package folder) copied to ``dst``.
+    Building in the checkout itself shares setuptools' build/ folder between concurrent builds
+    (two test workers), and one build's wheel can then miss packages the other just removed."""
+    try:
+        import tomllib
+    except ImportError:  # Python 3.10
+        import tomli as tomllib
+    cfg = tomllib.loads((REPO / "pyproject.toml").read_text())
+    dst.mkdir(parents=True, exist_ok=True)
+    for f in ("pyproject.toml", "README.md"):
+        shutil.copy2(REPO / f, dst / f)
+    for folder in sorted({d.split("/")[0] for d in cfg["tool"]["setuptools"]["package-dir"].values()}):
+        shutil.copytree(REPO / folder, dst / folder, ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
+    return dst
+
+
 def build_wheel(out_dir: Path) -> Path:
-    """The edgepeft wheel, built from this checkout with the current interpreter."""
+    """The edgepeft wheel, built from a private copy of this checkout with the current interpreter."""
     out_dir.mkdir(parents=True, exist_ok=True)
-    subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation",
-                    "-w", str(out_dir), str(REPO)], check=True)
+    with tempfile.TemporaryDirectory() as tmp:
+        src = _source_copy(Path(tmp) / "src")
+        subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation",
+                        "-w", str(out_dir), str(src)], check=True)
     return next(out_dir.glob("edgepeft-*.whl"))
 
 
