@@ -4,6 +4,7 @@ torch, no onnxruntime-training). Used to prove the device path runs without the 
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -59,8 +60,10 @@ def make_device_venv(root: Path, wheel: Path) -> Path:
 
 def run_json(python: Path, script: str, *args: str, timeout: float = 600) -> dict:
     """Run ``script`` (source text) with ``python`` outside the repo; it prints one JSON line last."""
+    # The host's PYTHONPATH (which a Ray driver leaves set) must not reach the device interpreter.
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
     proc = subprocess.run([str(python), "-c", script, *args], capture_output=True, text=True, timeout=timeout,
-                          cwd="/")
+                          cwd="/", env=env)
     if proc.returncode != 0:
         raise RuntimeError(f"device script failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
     return json.loads(proc.stdout.strip().splitlines()[-1])

@@ -8,6 +8,7 @@ the process using it."""
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Mapping, Sequence
@@ -58,7 +59,16 @@ def simulate(fleet: FleetSettings, device: DeviceSettings, *, nodes: int, int8: 
     backend = {"client_resources": {"num_cpus": cpus, "num_gpus": 0.0},
                "init_args": {"num_cpus": cpus, "num_gpus": 0, "include_dashboard": False,
                              "logging_level": "error", "log_to_driver": True}}
-    run_simulation(make_server_app(fleet), client, num_supernodes=nodes, backend_config=backend)
+    # Ray sets PYTHONPATH in this process's environment and leaves it: restore it, or every later
+    # subprocess of the caller (a device script, a fresh venv) imports the driver's paths.
+    saved = os.environ.get("PYTHONPATH")
+    try:
+        run_simulation(make_server_app(fleet), client, num_supernodes=nodes, backend_config=backend)
+    finally:
+        if saved is None:
+            os.environ.pop("PYTHONPATH", None)
+        else:
+            os.environ["PYTHONPATH"] = saved
     path = Path(fleet.out) / "fleet.json"
     if not path.exists():
         from edgepeft.fleet.errors import FleetError
