@@ -18,7 +18,8 @@ from pathlib import Path
 from benchmarks.common import RESULTS, Run, bundle_path, lora_spec, md_table, median, model_name, plt, run_child
 
 NAME = "export_time"
-CONFIGS = (("ort-training", "int8"), ("portable", "int8"), ("lean", "int8"), ("executorch", "int8"), ("ort-training", "none"))
+CONFIGS = (("ort-training", "int8"), ("portable", "int8"), ("lean", "int8"), ("executorch", "int8"),
+           ("executorch-lean", "int8"), ("ort-training", "none"))
 
 
 def child(backend: str, quant: str, tiny: bool) -> None:

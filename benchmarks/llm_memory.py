@@ -1,12 +1,14 @@
 """LLM training memory, side by side in one run: edgepeft's lean backend (block-wise graphs,
-chunked LM head, memory-mapped int8 weights), edgepeft's portable backend on the SAME bundle
+chunked LM head, memory-mapped int8 weights), the same cut as ExecuTorch programs on XNNPACK
+(executorch-lean, when the bundle carries it), edgepeft's portable backend on the SAME bundle
 (today's whole-model gradient graph), and PyTorch eager + Hugging Face PEFT (transformers'
 model from the same GGUF, fp32). LoRA r8 on q_proj/v_proj, AdamW, batch x seq tokens, 2
 threads. Each configuration runs in its own fresh process; phases (open, train_step,
 evaluate, infer) are measured as the process's resident high-water mark reset at each phase's
 start, and the whole process's peak comes from the OS (wait4), imports included.
 
-    python -m benchmarks llm_memory [--model smollm2-135m] [--batch 4 --seq 128 --steps 3]"""
+    python -m benchmarks llm_memory [--model smollm2-135m] [--batch 4 --seq 128 --steps 3]
+        [--backends lean,executorch-lean,portable]"""
 from __future__ import annotations
 
 import argparse
@@ -23,6 +25,7 @@ NAME = "llm_memory"
 PHASES = ("open", "train_step", "evaluate", "infer")
 CONFIGS = {
     "edgepeft lean (int8 base)": ("edgepeft", "lean"),
+    "edgepeft executorch-lean (int8 base, XNNPACK)": ("edgepeft", "executorch-lean"),
     "edgepeft portable (int8 base, whole-model graph)": ("edgepeft", "portable"),
     "PyTorch eager + HF PEFT LoRA (fp32)": ("peft", ""),
 }
@@ -38,8 +41,9 @@ REFERENCE = "PyTorch eager + HF PEFT LoRA (fp32)"
 TARGETS = {"smollm2-135m": (320, ("train_step", "evaluate", "infer")), "gemma3-270m": (512, ("train_step",))}
 
 
-def bundle(model: str, seq: int, backends: tuple[str, ...] = ("lean", "portable")) -> Path:
-    return work() / f"{model}-{seq}-lora-int8-{'-'.join(backends)}.edgepeft"
+def bundle(model: str, seq: int, backends: tuple[str, ...], batch: int) -> Path:
+    fixed = f"-b{batch}" if "executorch-lean" in backends else ""  # its programs are built for one batch
+    return work() / f"{model}-{seq}-lora-int8-{'-'.join(backends)}{fixed}.edgepeft"
 
 
 def _mib(b: int) -> float:
@@ -57,14 +61,15 @@ def _batch(manifest_or_vocab, batch: int, seq: int, seed: int = 0):
     return ids, np.ones((batch, seq), np.int64), labels
 
 
-def child_export(model: str, seq: int, backends: tuple[str, ...]) -> dict:
+def child_export(model: str, seq: int, backends: tuple[str, ...], batch: int) -> dict:
     from edgepeft.exporters import export_bundle, load_model
     from edgepeft.specs import LoraSpec
 
     t = time.time()
-    out = bundle(model, seq, backends)
+    out = bundle(model, seq, backends, batch)
     res = export_bundle(load_model(model, max_length=seq), methods=[LoraSpec(rank=8, alpha=16,
-                        targets=("q_proj", "v_proj"))], quant="int8", out=out, backends=backends)
+                        targets=("q_proj", "v_proj"))], quant="int8", out=out, backends=backends,
+                        executorch_batch_size=batch)
     return {"seconds": time.time() - t, "bundle_mb": out.stat().st_size / 1e6,
             "members_mb": {k: round(v / 1e6, 2) for k, v in _member_sizes(out).items()},
             "trainable": res.manifest.trainable_params}
@@ -180,10 +185,11 @@ def child_peft(model: str, batch: int, seq: int, steps: int) -> dict:
 
 
 def run(model: str, batch: int, seq: int, steps: int, reps: int, configs: dict, backends: tuple[str, ...]) -> dict:
-    path = bundle(model, seq, backends)
+    path = bundle(model, seq, backends, batch)
     if not path.exists():
         export = run_child("benchmarks.llm_memory", ["--child", "export", "--model", model, "--seq", str(seq),
-                                                     "--backends", ",".join(backends)], timeout=3600)
+                                                     "--batch", str(batch), "--backends", ",".join(backends)],
+                           timeout=3600)
     else:
         export = {"reused": str(path), "members_mb": {k: round(v / 1e6, 2) for k, v in _member_sizes(path).items()}}
     results: dict[str, list] = {k: [] for k in configs}
@@ -217,6 +223,10 @@ def summarize(results: dict[str, list], model: str) -> dict:
     if today:
         out["lean_vs_portable"] = {"step_time": round(lean["median_step_s"] / today["median_step_s"], 3),
                                    "process_peak": round(lean["process_peak_mib"] / today["process_peak_mib"], 3)}
+    et = out.get("edgepeft executorch-lean (int8 base, XNNPACK)")
+    if et:
+        out["executorch_lean_vs_lean"] = {"step_time": round(et["median_step_s"] / lean["median_step_s"], 3),
+                                          "process_peak": round(et["process_peak_mib"] / lean["process_peak_mib"], 3)}
     if model in TARGETS:
         budget, phases = TARGETS[model]
         worst = max(lean["phase_peaks_mib"][p] for p in phases)
@@ -238,6 +248,10 @@ def markdown(doc: dict) -> str:
         lv = s["lean_vs_portable"]
         md += (f"\nlean / portable on the same bundle: step time {lv['step_time']:.2f}x, process peak "
                f"{lv['process_peak']:.2f}x\n")
+    if "executorch_lean_vs_lean" in s:
+        e = s["executorch_lean_vs_lean"]
+        md += (f"\nexecutorch-lean / lean on the same bundle: step time {e['step_time']:.2f}x, process peak "
+               f"{e['process_peak']:.2f}x\n")
     if "target" in s:
         t = s["target"]
         md += (f"\ntarget: {', '.join(t['phases'])} each <= {t['budget_mib']} MiB: lean's worst of them "
@@ -286,9 +300,9 @@ def main(argv: list[str] | None = None) -> int:
     a = ap.parse_args(argv)
     backends = tuple(a.backends.split(","))
     if a.child == "export":
-        res = child_export(a.model, a.seq, backends)
+        res = child_export(a.model, a.seq, backends, a.batch)
     elif a.child == "edgepeft":
-        res = child_edgepeft(a.model, a.backend, a.batch, a.seq, a.steps, bundle(a.model, a.seq, backends))
+        res = child_edgepeft(a.model, a.backend, a.batch, a.seq, a.steps, bundle(a.model, a.seq, backends, a.batch))
     elif a.child == "peft":
         res = child_peft(a.model, a.batch, a.seq, a.steps)
     else:

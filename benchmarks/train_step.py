@@ -1,5 +1,6 @@
 """Training step, MiniLM-L6 (batch 8 x 128 tokens, LoRA r8 on query/value + head, 2 threads):
-edgepeft on each backend (ort-training with int8 and fp32 frozen base, portable, executorch)
+edgepeft on each backend (ort-training with int8 and fp32 frozen base, portable, lean, executorch,
+executorch-lean)
 against PyTorch eager + HF PEFT (fp32) and PyTorch eager full fine-tuning (transformers
 BertModel with the same weights). Each configuration runs in its own fresh process,
 configurations interleaved across repetitions; peak RSS is the process's, from the OS
@@ -29,6 +30,7 @@ CONFIGS = {
     "edgepeft portable (int8 base)": ("edgepeft", "portable", "int8"),
     "edgepeft lean (int8 base)": ("edgepeft", "lean", "int8"),
     "edgepeft executorch (int8 base)": ("edgepeft", "executorch", "int8"),
+    "edgepeft executorch-lean (int8 base)": ("edgepeft", "executorch-lean", "int8"),
     "PyTorch eager + HF PEFT LoRA (fp32)": ("peft", "", ""),
     "PyTorch eager full fine-tuning (fp32)": ("full", "", ""),
 }

@@ -116,6 +116,14 @@ REGISTRY: dict[str, BackendRecord] = {r.name: r for r in (
         export="edgepeft.exporters.targets:build_executorch", members=("training_program", "inference_program"),
         settings={names.EXECUTORCH_BATCH_SIZE: int},
         memory=PlannedCosts(EXECUTORCH_COSTS, names.BACKEND_EXECUTORCH, names.EXECUTORCH_BATCH_SIZE)),
+    BackendRecord(
+        names.BACKEND_EXECUTORCH_LEAN, loader="edgepeft.runtime.backends.executorch_lean:ExecutorchLeanBackend",
+        requires=("executorch",),
+        caps=Capabilities(_TRAIN_ALL + " (block-wise, XNNPACK)", "fixed",
+                          "executorch 1.5.1's runtime libraries (no torch); a model with lean parts, int8 or fp32",
+                          batch_setting=names.EXECUTORCH_BATCH_SIZE),
+        export="edgepeft.exporters.lean_executorch:build_target", members=("plan", "weights"),
+        settings={names.EXECUTORCH_BATCH_SIZE: int}),
 )}
 
 # What export_bundle writes when not told, and every backend it can write.

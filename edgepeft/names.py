@@ -37,6 +37,8 @@ BACKEND_PORTABLE = "portable"
 BACKEND_EXECUTORCH = "executorch"
 # Block-wise training on any onnxruntime (lean/ graphs, weights stored once, memory-mapped).
 BACKEND_LEAN = "lean"
+# The lean backend's block walk over ExecuTorch programs (XNNPACK, the native runner, no torch).
+BACKEND_EXECUTORCH_LEAN = "executorch-lean"
 
 # Graph I/O.
 LABELS_INPUT = "labels"

@@ -199,43 +199,46 @@ def _training_program(injected: InjectedModel, loss_model: WithLoss, args: tuple
     """forward(*model inputs, labels, *adapter tensors in manifest order) -> (loss, *gradients):
     the adapter is an input, so any ExecuTorch runtime's plain method execution trains (no
     training module, no torch on the device) and the session's optimizer owns the update."""
-    from executorch.exir import EdgeCompileConfig, to_edge_transform_and_lower
-
     with _stage(injected.plan.what, "training program"):
         joint = joint_forward_backward(_export(loss_model, args, shapes))
         _slice_negative_pads(joint.graph_module)
         prefix = names.EXECUTORCH_PARAM_PREFIX[len("m."):]  # GradientModule drops WithLoss's "m."
         step = GradientModule(joint, list(injected.trainable_names),
                                {prefix + n: n for n in injected.trainable_names})
-        ep = _export(step, (*args, *adapter), (*shapes, *[None] * len(adapter)))
-        _infer_symbolic_reshapes(ep.graph_module)
-        # Lowering re-traces the graph and re-creates any sym_min assert: drop them afterwards,
-        # with the verifier (which refuses sym_min) off for such graphs only.
-        has_min = any(n.target is torch.sym_min for n in ep.graph.nodes)
-        lowered = to_edge_transform_and_lower(ep, partitioner=[_partitioner()],
-                                              compile_config=EdgeCompileConfig(_check_ir_validity=not has_min))
-        _drop_min_asserts(lowered.exported_program().graph_module)
-        _split_leftover_addmm(lowered)
-        return lowered.to_executorch().buffer
+        return lower(_export(step, (*args, *adapter), (*shapes, *[None] * len(adapter))))
 
 
 def _inference_program(injected: InjectedModel, inf: nn.Module, args: tuple, shapes: tuple) -> bytes:
-    from executorch.exir import to_edge_transform_and_lower
-
     with _stage(injected.plan.what, "inference program"):
-        ep = _export(inf, args, shapes)
-        _infer_symbolic_reshapes(ep.graph_module)
-        lowered = to_edge_transform_and_lower(ep, partitioner=[_partitioner()])
-        _split_leftover_addmm(lowered)
-        return lowered.to_executorch().buffer
+        return lower(_export(inf, args, shapes))
+
+
+def lower(ep) -> bytes:
+    """An exported program, lowered to XNNPACK where it takes the ops, as .pte bytes."""
+    from executorch.exir import EdgeCompileConfig, to_edge_transform_and_lower
+
+    _slice_negative_pads(ep.graph_module)
+    _infer_symbolic_reshapes(ep.graph_module)
+    # Lowering re-traces the graph and re-creates any sym_min / sym_not assert: drop them
+    # afterwards, with the verifier (which refuses both) off for such graphs only.
+    has_min = any(n.target in _UNVERIFIABLE for n in ep.graph.nodes)
+    lowered = to_edge_transform_and_lower(ep, partitioner=[_partitioner()],
+                                          compile_config=EdgeCompileConfig(_check_ir_validity=not has_min))
+    _drop_min_asserts(lowered.exported_program().graph_module)
+    _split_leftover_addmm(lowered)
+    return lowered.to_executorch().buffer
+
+
+_UNVERIFIABLE = (torch.sym_min, torch.sym_not)
 
 
 def _drop_min_asserts(gm: torch.fx.GraphModule) -> None:
-    """Drop the run-time shape asserts built on ``sym_min`` (a prefix's ``min(3 + s, 128 + s)
-    == 3 + s`` that sympy could not discharge at export): ExecuTorch's verifier has no sym_min,
-    and the sequence is bounded by the program's planned maximum anyway."""
+    """Drop the run-time shape asserts built on ``sym_min`` or ``sym_not`` (a prefix's
+    ``min(3 + s, 128 + s) == 3 + s``, a prompt's ``Ne(s + 3, 1)`` that sympy could not discharge
+    at export): ExecuTorch's verifier has neither, and the sequence is bounded by the program's
+    planned maximum anyway."""
     doomed: set[torch.fx.Node] = set()
-    todo = [n for n in gm.graph.nodes if n.target is torch.sym_min]
+    todo = [n for n in gm.graph.nodes if n.target in _UNVERIFIABLE]
     while todo:
         node = todo.pop()
         for user in node.users:
@@ -292,10 +295,17 @@ def _export(module: nn.Module, args: tuple, shapes: tuple):
 
 
 @contextlib.contextmanager
+def quiet() -> Iterator[None]:
+    """export and exir warn at length about experimental APIs."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        yield
+
+
+@contextlib.contextmanager
 def _stage(what: str, program: str) -> Iterator[None]:
     """Turns any failure inside into an ExportError naming the model, methods and program."""
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # export and exir warn at length about experimental APIs
+    with quiet():
         try:
             yield
         except ExportError:

@@ -18,7 +18,7 @@ from __future__ import annotations
 import contextlib
 import io
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
@@ -52,14 +52,15 @@ def has_parts(model: nn.Module) -> bool:
     return callable(getattr(model, "lean_parts", None))
 
 
-def _pick_shapes(model: nn.Module, max_length: int, n_extra: int) -> Shapes:
+def _pick_shapes(model: nn.Module, max_length: int, n_extra: int, batch: int | None = None) -> Shapes:
+    """``batch``: a fixed batch size (ExecuTorch's), kept; the sequence still avoids it."""
     used = {d for p in model.parameters() for d in p.shape} | {d for b in model.buffers() for d in b.shape}
     primes = [p for p in range(3, 512) if all(p % k for k in range(2, int(p ** 0.5) + 1))]
-    free = [p for p in primes if p not in used and p + n_extra not in used]
+    free = [p for p in primes if p not in used and p + n_extra not in used and p != batch]
     seq = next((p for p in free[1:] if p <= max_length), None)
     if seq is None:
         raise ExportError(f"lean graphs: no free example sequence length <= max_length {max_length}")
-    return Shapes(free[0], seq)
+    return Shapes(batch or free[0], seq)
 
 
 def _resize(x: torch.Tensor, axes: dict[int, str], sh: Shapes) -> torch.Tensor:
@@ -98,26 +99,41 @@ class _LinearAsMatmul(torch.overrides.TorchFunctionMode):
         return func(*args, **kwargs)
 
 
-def _trace_to_onnx(fn: Callable, args: list[torch.Tensor], in_names: list[str], out_names: list[str],
-                   dyn: list[dict[int, str] | None], n_extra: int, path: Path) -> onnx.ModelProto:
+def trace(fn: Callable, args: list[torch.Tensor]) -> torch.fx.GraphModule:
+    """``fn`` as a core-ATen FX graph with symbolic sizes (shared by the ONNX and ExecuTorch graphs)."""
     from torch._decomp import core_aten_decompositions
     from torch.fx.experimental.proxy_tensor import make_fx
 
-    from edgepeft.exporters.joint_graph import quiet_torch_onnx, replace_unexportable
+    from edgepeft.exporters.joint_graph import replace_unexportable
 
     # Buffers (rotary tables) are constants of the graph: real tensors inside a symbolic trace.
     with _LinearAsMatmul():
         gm = make_fx(fn, decomposition_table=core_aten_decompositions(), tracing_mode="symbolic",
                      _allow_non_fake_inputs=True)(*args)
     replace_unexportable(gm)
-    seq = torch.export.Dim("seq", min=1, max=1 << 16)
+    return gm
+
+
+def export_traced(gm: torch.fx.GraphModule, args: list[torch.Tensor], dyn: list[dict[int, str] | None],
+                  n_extra: int, *, max_batch: int | None = 1 << 16, max_seq: int = 1 << 16):
+    """torch.export of a traced part; ``max_batch`` None keeps the batch at the example's size
+    (ExecuTorch plans its memory for fixed sizes)."""
+    seq = torch.export.Dim("seq", min=1, max=max_seq)
     # The blocks' sequence (prompt tokens included) is the input's plus a constant.
-    dims = {"batch": torch.export.Dim("batch", min=1, max=1 << 16), "seq": seq,
+    dims = {"batch": torch.export.Dim("batch", min=1, max=max_batch) if max_batch else None, "seq": seq,
             "hseq": seq + n_extra if n_extra else seq}
-    shapes = [{a: dims[d] for a, d in ax.items()} if ax else None for ax in dyn]
+    shapes = [{a: dims[d] for a, d in ax.items() if dims[d] is not None} or None if ax else None for ax in dyn]
+    return torch.export.export(_Call(gm), tuple(args), strict=False, prefer_deferred_runtime_asserts_over_guards=True,
+                               dynamic_shapes={"args": tuple(shapes)})
+
+
+def _trace_to_onnx(fn: Callable, args: list[torch.Tensor], in_names: list[str], out_names: list[str],
+                   dyn: list[dict[int, str] | None], n_extra: int, path: Path) -> onnx.ModelProto:
+    from edgepeft.exporters.joint_graph import quiet_torch_onnx
+
+    gm = trace(fn, args)
     with quiet_torch_onnx():
-        ep = torch.export.export(_Call(gm), tuple(args), strict=False, prefer_deferred_runtime_asserts_over_guards=True,
-                                 dynamic_shapes={"args": tuple(shapes)})
+        ep = export_traced(gm, args, dyn, n_extra)
         with contextlib.redirect_stdout(io.StringIO()):
             torch.onnx.export(ep, tuple(args), str(path), dynamo=True, optimize=False, opset_version=OPSET,
                               verbose=False, input_names=in_names, output_names=out_names)
@@ -172,7 +188,31 @@ class _Ctx:
     causal: bool
     tmp: Path
     shapes: Shapes
+    emitter: "Emitter"
     n_extra: int = 0
+    max_length: int = 1 << 16
+    # member -> {"inputs": [...], "outputs": [...]}: positional programs (ExecuTorch) need them.
+    signatures: dict = field(default_factory=dict)
+
+
+Emit = Callable[..., "dict | None"]
+
+
+@dataclass(frozen=True)
+class Emitter:
+    """How a traced part becomes a bundle member: ONNX graphs (the lean backend) or ExecuTorch
+    programs (executorch-lean). ``emit(c, fn, args, in_names, out_names, quant, path)`` writes
+    the member and returns its signature, or None where the format names its own inputs."""
+
+    backend: str
+    folder: str
+    suffix: str
+    emit: Emit
+    batch: int | None = None  # a fixed batch (ExecuTorch plans memory for it)
+
+    @property
+    def plan_member(self) -> str:
+        return f"{self.folder}/plan.json"
 
 
 class _Bound(nn.Module):
@@ -223,14 +263,23 @@ def _export(c: _Ctx, member: str, fn: Callable, args: list[Arg], outs: list[str]
     path = c.tmp / member
     path.parent.mkdir(parents=True, exist_ok=True)
     try:
-        m = _trace_to_onnx(fn, [t for _, t, _ in args], [n for n, _, _ in args], outs, [ax for *_, ax in args],
-                           c.n_extra, path)
+        sig = c.emitter.emit(c, fn, args, outs, quant, path)
     except ExportError:
         raise
     except Exception as e:  # tracing and export raise many kinds; name the part that failed
         raise ExportError(f"could not build the lean graph {member}: {type(e).__name__}: {str(e)[:500]}") from e
-    _finish(m, quant, path)
+    if sig is not None:
+        c.signatures[member] = sig
     return member
+
+
+def _emit_onnx(c: _Ctx, fn: Callable, args: list[Arg], outs: list[str], quant: dict, path: Path) -> None:
+    m = _trace_to_onnx(fn, [t for _, t, _ in args], [n for n, _, _ in args], outs, [ax for *_, ax in args],
+                       c.n_extra, path)
+    _finish(m, quant, path)
+
+
+ONNX = Emitter(names.BACKEND_LEAN, "lean", ".onnx", _emit_onnx)
 
 
 def _graphs(c: _Ctx, tag: str, call: Callable, acts: list[Arg], params: dict[str, torch.Tensor], prefix: str,
@@ -251,7 +300,7 @@ def _graphs(c: _Ctx, tag: str, call: Callable, acts: list[Arg], params: dict[str
     with torch.no_grad():
         example_out = fwd(*[t for _, t, _ in acts + p_args])
     entry = {"prefix": prefix, "trainable": train,
-             "fwd": _export(c, f"lean/{tag}.onnx", fwd, acts + p_args,
+             "fwd": _export(c, f"{c.emitter.folder}/{tag}{c.emitter.suffix}", fwd, acts + p_args,
                             [f"out{k}" for k in range(len(example_out))], quant)}
     if vjp == "prefix" and not train:
         return {**entry, "vjp": None}
@@ -266,7 +315,7 @@ def _graphs(c: _Ctx, tag: str, call: Callable, acts: list[Arg], params: dict[str
         return _vjp(lambda aa, p: _first(call(aa, p)), a, fz, tr, wrt_first, head[0])
 
     outs = (["loss"] if vjp == "loss" else []) + (["g_h"] if wrt_first else []) + [n + "/grad" for n in train]
-    entry["vjp"] = _export(c, f"lean/{tag}_vjp.onnx", vjp_fn, acts + extra + p_args, outs, quant)
+    entry["vjp"] = _export(c, f"{c.emitter.folder}/{tag}_vjp{c.emitter.suffix}", vjp_fn, acts + extra + p_args, outs, quant)
     return entry
 
 
@@ -283,7 +332,8 @@ def _vjp_inputs(c: _Ctx, vjp: str, acts: list[Arg], example_out: tuple) -> tuple
     return [(G, torch.randn_like(out), axes)], vjp != "prefix"
 
 
-PLAN_MEMBER = "lean/plan.json"
+PLAN_MEMBER = ONNX.plan_member
+# Shared by every lean plan of a bundle (ONNX graphs and ExecuTorch programs take the same inputs).
 WEIGHTS_MEMBER = "lean/weights.safetensors"
 
 
@@ -334,8 +384,8 @@ def _blocks(c: _Ctx, prefixes: list[str], h: torch.Tensor, ctx: list[torch.Tenso
 
 def build(model: nn.Module, example_inputs: dict[str, torch.Tensor], input_axes: dict[str, dict[int, str]],
           trainable: list[str], quantized: dict[str, QuantizedTensor], causal: bool, max_length: int,
-          tmp: Path) -> dict[str, Path]:
-    """Write the lean graphs, weights and plan under ``tmp/lean``; returns {bundle member: file}."""
+          tmp: Path, emitter: Emitter = ONNX) -> dict[str, Path]:
+    """Write the lean graphs (or programs), weights and plan under ``tmp``; returns {bundle member: file}."""
     from edgepeft.exporters.joint_graph import canonical_names
 
     parts: LeanParts = model.lean_parts()
@@ -347,9 +397,10 @@ def build(model: nn.Module, example_inputs: dict[str, torch.Tensor], input_axes:
     prefixes = [where[id(b)] + "." for b in parts.blocks]
     with torch.no_grad():
         n_extra = parts.pre(*example_inputs.values())[0].shape[1] - _seq_len(example_inputs, input_axes)
-    sh = _pick_shapes(model, max_length, n_extra)
+    sh = _pick_shapes(model, max_length, n_extra, emitter.batch)
     inputs = {k: _resize(v, input_axes.get(k, {}), sh) for k, v in example_inputs.items()}
-    c = _Ctx(model, parts, set(trainable), quantized, inputs, input_axes, causal, tmp, sh, n_extra)
+    c = _Ctx(model, parts, set(trainable), quantized, inputs, input_axes, causal, tmp, sh, emitter, n_extra,
+             max_length)
     outside = {n: p for n, p in model.named_parameters() if not any(n.startswith(pf) for pf in prefixes)}
     in_args: list[Arg] = [(k, v, input_axes.get(k)) for k, v in inputs.items()]
     pre_call, post_call = _bound_call(model, parts.pre), _bound_call(model, parts.post)
@@ -362,6 +413,8 @@ def build(model: nn.Module, example_inputs: dict[str, torch.Tensor], input_axes:
                    "cotangent" if causal else "loss")
     plan = {"version": 1, "n_ctx": len(ctx), "causal": causal, "head": head, "pre": pre, "post": post,
             "graphs": graphs, "blocks": order}
+    if emitter.batch is not None:
+        plan.update(batch_size=emitter.batch, signatures=c.signatures)
     return _write_plan(c, plan)
 
 
@@ -393,8 +446,9 @@ def _write_plan(c: _Ctx, plan: dict) -> dict[str, Path]:
                                                                           _int4_members(plan["head"], head))}}
     # Stored once, uncompressed and aligned, so the device can memory-map it.
     save_file(weights, str(c.tmp / WEIGHTS_MEMBER))
-    (c.tmp / PLAN_MEMBER).write_text(json.dumps(plan, indent=1))
-    members = {PLAN_MEMBER, WEIGHTS_MEMBER, *(g[k] for g in [plan["pre"], plan["post"], *plan["graphs"].values()]
+    plan_member = c.emitter.plan_member
+    (c.tmp / plan_member).write_text(json.dumps(plan, indent=1))
+    members = {plan_member, WEIGHTS_MEMBER, *(g[k] for g in [plan["pre"], plan["post"], *plan["graphs"].values()]
                                               for k in ("fwd", "vjp") if g.get(k))}
     return {m: c.tmp / m for m in sorted(members)}
 
@@ -404,7 +458,7 @@ def _int4_members(name: str, qt: Int4Tensor) -> dict[str, np.ndarray]:
     return {name + names.Q_SUFFIX: qt.packed, name + names.SCALE_SUFFIX: qt.scale, name + MIN_SUFFIX: qt.min}
 
 
-def build_target(injected, forward, tmp: Path):
+def build_target(injected, forward, tmp: Path, emitter: Emitter = ONNX):
     """The lean backend's ``BackendTarget`` (export pipeline builder: see exporters.targets)."""
     from edgepeft.exporters.stages import BackendTarget
 
@@ -413,11 +467,14 @@ def build_target(injected, forward, tmp: Path):
         raise ExportError(f"{injected.plan.source.name!r} declares no lean parts (a `lean_parts()` method "
                           "returning edgepeft.exporters.zoo.parts.LeanParts: embeddings, blocks, suffix); the "
                           "zoo's transformers have them. Use the portable or ort-training backend for this model")
-    (tmp / "lean").mkdir(parents=True, exist_ok=True)
+    for folder in {emitter.folder, Path(WEIGHTS_MEMBER).parent}:
+        (tmp / folder).mkdir(parents=True, exist_ok=True)
     files = build(model, injected.example_inputs, injected.dynamic_axes, injected.trainable_names,
-                  injected.quantized, injected.plan.causal, injected.plan.source.max_length, tmp)
-    head = json.loads(files[PLAN_MEMBER].read_text())["head"]
+                  injected.quantized, injected.plan.causal, injected.plan.source.max_length, tmp, emitter)
+    head = json.loads(files[emitter.plan_member].read_text())["head"]
     card = lean_card(model, injected.example_inputs, injected.dynamic_axes, injected.plan.source.max_length,
                      injected.quantized, head)
-    return BackendTarget(names.BACKEND_LEAN, {"plan": PLAN_MEMBER, "weights": WEIGHTS_MEMBER}, files,
-                         memory={"lean": card})
+    entry = {"plan": emitter.plan_member, "weights": WEIGHTS_MEMBER}
+    if emitter.batch is not None:
+        entry[names.EXECUTORCH_BATCH_SIZE] = str(emitter.batch)
+    return BackendTarget(emitter.backend, entry, files, memory={"lean": card})

@@ -6,7 +6,7 @@ follow the same weights. The session splits a batch to fit its memory budget, a 
 backend splits (and pads) to its program's batch size: both accumulate here."""
 from __future__ import annotations
 
-from typing import Callable, Iterable, Mapping
+from typing import Callable, Iterable, Iterator, Mapping, Sequence
 
 import numpy as np
 
@@ -43,3 +43,30 @@ def accumulate(chunks: Iterable[Batch], fn: Step) -> tuple[float, dict[str, np.n
     if only is not None:  # a mean of one part is that part, bit for bit (no n * x / n rounding)
         return only
     return loss / total, {k: g / total for k, g in grads.items()}
+
+
+def fixed_chunks(feeds: Mapping[str, np.ndarray], labels: np.ndarray | None, inputs: Sequence[str],
+                 rows: int) -> Iterator[tuple[int, Batch]]:
+    """(real rows, chunk of exactly ``rows`` rows) over the rows of ``feeds``, for a backend
+    whose programs are built for a fixed batch (ExecuTorch plans its memory for one): the last
+    chunk is padded with copies of its first row, labelled IGNORE_INDEX, so padding changes
+    neither the loss nor the gradients (``accumulate`` weights chunks by labelled positions)."""
+    arrays = [np.asarray(feeds[n]) for n in inputs]
+    total = len(arrays[0])
+    for start in range(0, total, rows):
+        real = min(rows, total - start)
+        parts = {n: _pad_rows(a[start:start + real], rows) for n, a in zip(inputs, arrays)}
+        lab = None
+        if labels is not None:
+            lab = np.full((rows, *labels.shape[1:]), names.IGNORE_INDEX, dtype=np.int64)
+            lab[:real] = labels[start:start + real]
+        yield real, Batch(parts, lab)
+
+
+def _pad_rows(a: np.ndarray, rows: int) -> np.ndarray:
+    """``a`` with ``rows`` rows: copies of its first row fill the gap (real, finite inputs, so
+    the padded rows' outputs stay finite and their zero loss weight gives zero gradient)."""
+    a = np.ascontiguousarray(a)
+    if len(a) == rows:
+        return a
+    return np.ascontiguousarray(np.concatenate([a, np.repeat(a[:1], rows - len(a), axis=0)]))

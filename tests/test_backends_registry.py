@@ -83,7 +83,8 @@ def test_names_and_registry_agree():
     assert names.EXPORT_BACKENDS == tuple(REGISTRY) == backends.EXPORT_BACKENDS
     assert names.DEFAULT_EXPORT_BACKENDS == (names.BACKEND_ORT, names.BACKEND_PORTABLE)
     # "auto"'s order.
-    assert list(REGISTRY) == [names.BACKEND_ORT, names.BACKEND_PORTABLE, names.BACKEND_LEAN, names.BACKEND_EXECUTORCH]
+    assert list(REGISTRY) == [names.BACKEND_ORT, names.BACKEND_PORTABLE, names.BACKEND_LEAN, names.BACKEND_EXECUTORCH,
+                              names.BACKEND_EXECUTORCH_LEAN]
 
 
 # The modules that used to spell backends' names and now read the registry.

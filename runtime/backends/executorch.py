@@ -23,7 +23,7 @@ from edgepeft.bundle import OpenedBundle
 from edgepeft.data import Batch
 from edgepeft.errors import BackendError
 from edgepeft.runtime.backends.base import backend_entry, check_inputs, engine_errors
-from edgepeft.runtime.batching import accumulate
+from edgepeft.runtime.batching import accumulate, fixed_chunks
 from edgepeft.runtime.losses import cross_entropy
 from edgepeft.runtime.native import Program, set_threads
 
@@ -56,21 +56,9 @@ class ExecutorchBackend:
         self._infer_program: Program | None = None  # loaded on first evaluate/infer
         self._params: dict[str, np.ndarray] = {}
 
-    # -- batches ---------------------------------------------------------------------------
     def _chunks(self, feeds: Mapping[str, np.ndarray], labels: np.ndarray | None) -> Iterator[tuple[int, Batch]]:
-        """(real rows, chunk of exactly ``batch_size`` rows) for the rows of ``feeds``."""
         check_inputs(feeds, self._inputs)
-        arrays = [np.asarray(feeds[n]) for n in self._inputs]
-        rows = len(arrays[0])
-        b = self.batch_size
-        for start in range(0, rows, b):
-            real = min(b, rows - start)
-            parts = {n: _pad_rows(a[start:start + real], b) for n, a in zip(self._inputs, arrays)}
-            lab = None
-            if labels is not None:
-                lab = np.full((b, *labels.shape[1:]), names.IGNORE_INDEX, dtype=np.int64)
-                lab[:real] = labels[start:start + real]
-            yield real, Batch(parts, lab)
+        return fixed_chunks(feeds, labels, self._inputs, self.batch_size)
 
     def _adapter(self) -> list[np.ndarray]:
         if not self._params:
@@ -116,11 +104,3 @@ class ExecutorchBackend:
         self._train = self._infer_program = None
         self._params = {}
 
-
-def _pad_rows(a: np.ndarray, rows: int) -> np.ndarray:
-    """``a`` with ``rows`` rows: copies of its first row fill the gap (real, finite inputs, so
-    the padded rows' logits stay finite and their zero loss weight gives zero gradient)."""
-    a = np.ascontiguousarray(a)
-    if len(a) == rows:
-        return a
-    return np.ascontiguousarray(np.concatenate([a, np.repeat(a[:1], rows - len(a), axis=0)]))

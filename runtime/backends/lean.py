@@ -76,7 +76,22 @@ class MappedWeights(dict):
         self._buf.madvise(mmap.MADV_DONTNEED)
 
 
+class _OrtGraph:
+    """One lean ONNX graph on onnxruntime: inputs and outputs by the graph's own names."""
+
+    def __init__(self, session):
+        self._s = session
+        self.inputs = [i.name for i in session.get_inputs()]
+        self.outputs = [o.name for o in session.get_outputs()]
+
+    def run(self, feeds: list[np.ndarray]) -> list[np.ndarray]:
+        return self._s.run(None, dict(zip(self.inputs, feeds)))
+
+
 class LeanBackend:
+    """The block walk over a plan's parts. Subclasses run the parts on another engine by
+    overriding ``_open_graph`` (edgepeft.runtime.backends.executorch_lean)."""
+
     name = names.BACKEND_LEAN
     # Drop the weights' pages from the resident set after each graph (off: the ablation that
     # keeps the whole base resident, as a copied-in base would be).
@@ -84,12 +99,13 @@ class LeanBackend:
 
     def __init__(self, bundle: OpenedBundle, *, threads: int | None = None):
         entry = backend_entry(bundle, self.name, "lean graphs")
+        self._entry = entry
         self._bundle = bundle
         with engine_errors(self.name, "reading the plan", members=[entry.members["plan"]]):
             self._plan = json.loads(bundle.path(entry.members["plan"]).read_text(encoding="utf-8"))
         with engine_errors(self.name, "mapping the weights", members=[entry.members["weights"]]):
             self._weights = MappedWeights(bundle.path(entry.members["weights"]))
-        self._opts = self._options(threads)
+        self._threads = threads
         self._sessions: dict[str, object] = {}
         self._trainable = bundle.manifest.trainable_names
         self._inputs = [i.name for i in bundle.manifest.inputs]
@@ -128,17 +144,21 @@ class LeanBackend:
         opts.add_session_config_entry("session.qdq_matmulnbits_accuracy_level", "0")
         return opts
 
-    def _session(self, member: str):
+    def _graph(self, member: str):
         s = self._sessions.get(member)
         if s is None:
-            ort = onnxruntime()
-            # No constant folding: it would turn DequantizeLinear of a constant into fp32 copies
-            # (there are none here, weights are inputs, but keep int8 honest), and no CSE.
-            with engine_errors(self.name, "creating an onnxruntime session", members=[member]):
-                s = self._sessions[member] = ort.InferenceSession(
-                    str(self._bundle.path(member)), self._opts, providers=["CPUExecutionProvider"],
-                    disabled_optimizers=["ConstantFolding", "CommonSubexpressionElimination"])
+            with engine_errors(self.name, "loading a lean graph", members=[member]):
+                s = self._sessions[member] = self._open_graph(member)
         return s
+
+    def _open_graph(self, member: str) -> _OrtGraph:
+        if not hasattr(self, "_opts"):
+            self._opts = self._options(self._threads)
+        # No constant folding: it would turn DequantizeLinear of a constant into fp32 copies
+        # (there are none here, weights are inputs, but keep int8 honest), and no CSE.
+        return _OrtGraph(onnxruntime().InferenceSession(
+            str(self._bundle.path(member)), self._opts, providers=["CPUExecutionProvider"],
+            disabled_optimizers=["ConstantFolding", "CommonSubexpressionElimination"]))
 
     def _free(self) -> None:
         """After each graph: drop the weights' pages from the resident set, and hand the freed
@@ -149,20 +169,19 @@ class LeanBackend:
             _trim_heap()
 
     def _run(self, member: str, prefix: str, acts: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        s = self._session(member)
-        feeds = {}
-        for i in s.get_inputs():
-            n = i.name
+        s = self._graph(member)
+        feeds = []
+        for n in s.inputs:
             key = prefix + n
             if n in acts:
-                feeds[n] = acts[n]
+                feeds.append(acts[n])
             elif key in self._params:
-                feeds[n] = self._params[key]
+                feeds.append(self._params[key])
             elif key in self._weights:
-                feeds[n] = self._weights[key]
+                feeds.append(self._weights[key])
             else:
                 raise BundleError(f"lean graph {member} needs {key!r}, which the bundle's weights lack; re-export")
-        out = dict(zip((o.name for o in s.get_outputs()), s.run(None, feeds)))
+        out = dict(zip(s.outputs, s.run(feeds)))
         self._free()
         return out
 
@@ -182,8 +201,11 @@ class LeanBackend:
         return inputs, ctx, saved, h
 
     # -- Backend protocol ------------------------------------------------------------------------
-    @engine_errors(names.BACKEND_LEAN, "the train step")
     def forward_backward(self, batch: Batch) -> tuple[float, dict[str, np.ndarray]]:
+        with engine_errors(self.name, "the train step"):
+            return self._forward_backward(batch)
+
+    def _forward_backward(self, batch: Batch) -> tuple[float, dict[str, np.ndarray]]:
         inputs, ctx, saved, h = self._forward(batch.feeds, keep=True)
         grads: dict[str, np.ndarray] = {}
         post = self._plan["post"]
@@ -219,14 +241,16 @@ class LeanBackend:
         inputs, _, _, h = self._forward(feeds, keep=False)
         return self._run(self._plan["post"]["fwd"], "", {"h": h, **inputs})["out0"]
 
-    @engine_errors(names.BACKEND_LEAN, "evaluation")
     def eval_step(self, batch: Batch) -> tuple[float, np.ndarray]:
         logits = self.infer(batch.feeds)
         return cross_entropy(logits, batch.labels), logits
 
-    @engine_errors(names.BACKEND_LEAN, "evaluation")
     def eval_predictions(self, batch: Batch) -> tuple[float, np.ndarray]:
         """Loss and top-1 predictions without a causal LM's full logits."""
+        with engine_errors(self.name, "evaluation"):
+            return self._eval_predictions(batch)
+
+    def _eval_predictions(self, batch: Batch) -> tuple[float, np.ndarray]:
         if self._head is None:
             loss, logits = self.eval_step(batch)
             return loss, logits.argmax(axis=-1)
@@ -234,8 +258,11 @@ class LeanBackend:
         self._free()
         return out
 
-    @engine_errors(names.BACKEND_LEAN, "inference")
     def infer(self, feeds: Mapping[str, np.ndarray]) -> np.ndarray:
+        with engine_errors(self.name, "inference"):
+            return self._infer(feeds)
+
+    def _infer(self, feeds: Mapping[str, np.ndarray]) -> np.ndarray:
         out = self._hidden(feeds)
         if self._head is None:
             return out

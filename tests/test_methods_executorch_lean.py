@@ -1,0 +1,154 @@
+"""The methods table's executorch-lean column: the lean backend's cut of a model into parts,
+as ExecuTorch programs lowered to XNNPACK and run by the native runner without torch
+(exporters/lean_executorch.py, runtime/backends/executorch_lean.py), at a fixed batch of 4 (the
+test batches have 6 rows: one full chunk and one padded). Checked against eager PyTorch (1e-5)
+and against the lean backend's ONNX graphs on the same bundle (loss, gradients, a 20-step
+curve), with save -> swap -> swap back and a reopened session evaluating bit for bit; and the
+real model: SmolLM2-135M's step against eager PyTorch.
+
+ExecuTorch lowering adds ~30 s per case: make test runs one encoder and two decoder cases;
+EDGEPEFT_FULL_METHODS=1 runs the lean column's whole set."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from test_methods import MODELS, _ce, _load_into_reference, _reference, assert_step_matches_eager, case
+from test_methods_lean import FULL, FULL_SET, STEPS, _open
+
+DEFAULT = {("encoder", "prefix"), ("decoder", "lora"), ("decoder", "prompt-random")}
+CASES = [pytest.param(m, k, id=f"{m}-{k}-executorch-lean", marks=[pytest.mark.slow])
+         for m, k in sorted(FULL_SET if FULL else DEFAULT)]
+BATCH = 4
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory):
+    from edgepeft.exporters import export_bundle, load_model
+
+    def get(model: str, method: str):
+        d = tmp_path_factory.mktemp(f"et-lean-{model}-{method}")
+        res = export_bundle(load_model(MODELS[model].factory), methods=case(model, method)[0], quant="int8",
+                            out=d / "b.edgepeft", backends=("executorch-lean", "lean"), executorch_batch_size=BATCH)
+        return res, d
+
+    return get
+
+
+@pytest.mark.parametrize("model, method", CASES)
+def test_executorch_lean_method_on_model(exported, model, method):
+    res, d = exported(model, method)
+    _, lr, min_drop = case(model, method)
+    et, lean = _open(res, d, lr, "executorch-lean"), _open(res, d, lr, "lean")
+    assert et.backend.name == "executorch-lean" and et.backend.batch_size == BATCH
+    batch = MODELS[model].batch(et)
+    assert len(batch.labels) > BATCH  # a full chunk and a padded one
+
+    loss, grads = assert_step_matches_eager(res, et, batch)
+    l_loss, l_grads = lean.backend.forward_backward(batch)
+    assert loss == pytest.approx(l_loss, abs=1e-5)
+    for n, g in grads.items():
+        np.testing.assert_allclose(g, l_grads[n], atol=1e-5, rtol=1e-3, err_msg=n)
+
+    curve = [et.train_step(batch) for _ in range(STEPS)]
+    l_curve = [lean.train_step(batch) for _ in range(STEPS)]
+    np.testing.assert_allclose(curve, l_curve, rtol=1e-4, atol=1e-5)
+    assert curve[-1] < (1 - min_drop) * curve[0], curve
+
+    trained = et.evaluate([batch])
+    assert trained.loss == pytest.approx(lean.evaluate([batch]).loss, abs=1e-5)
+    et.save_adapter()
+    et.swap_adapter("other", create=True)
+    assert et.evaluate([batch]).loss != trained.loss
+    et.swap_adapter("a")
+    assert et.evaluate([batch]) == trained
+    et.close()
+    lean.close()
+    again = _open(res, d, lr, "executorch-lean")
+    assert again.evaluate([batch]) == trained
+
+
+DEVICE = """
+import json, sys
+import numpy as np
+from edgepeft.data import Batch
+from edgepeft.runtime import OptimizerSpec, Session
+path, store, cache = sys.argv[1:4]
+s = Session.open(path, adapter="dev", store=store, cache_dir=cache, backend="executorch-lean", threads=1,
+                 optimizer=OptimizerSpec(lr=5e-2))
+ids = np.random.default_rng(0).integers(3, 250, size=(5, 12))
+labels = np.full(ids.shape, -100)
+labels[:, :-1] = ids[:, 1:]
+b = Batch({"input_ids": ids, "attention_mask": np.ones_like(ids)}, labels)
+losses = [s.train_step(b) for _ in range(8)]
+s.save_adapter()
+trained = s.evaluate([b]).loss
+s.swap_adapter("other", create=True)
+other = s.evaluate([b]).loss
+s.swap_adapter("dev")
+print(json.dumps({"losses": losses, "trained": trained, "other": other, "back": s.evaluate([b]).loss,
+                  "logits": list(s.infer(b.feeds).shape), "torch": "torch" in sys.modules,
+                  "executorch": "executorch" in sys.modules, "onnxruntime": "onnxruntime" in sys.modules}))
+"""
+
+
+def test_a_device_process_trains_swaps_saves_and_infers_without_torch(exported):
+    """The device loop on executorch-lean in a fresh process: neither torch, nor the executorch
+    Python package (its bindings link libtorch), nor onnxruntime is imported."""
+    import json
+    import subprocess
+    import sys
+
+    res, d = exported("decoder", "lora")
+    done = subprocess.run([sys.executable, "-c", DEVICE, str(res.path), str(d / "device"), str(d / "cache")],
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    out = json.loads(done.stdout.strip().splitlines()[-1])
+    assert out["torch"] is False and out["executorch"] is False and out["onnxruntime"] is False
+    assert out["losses"][-1] < out["losses"][0]
+    assert out["back"] == out["trained"] != out["other"]
+    assert out["logits"] == [5, 12, 259]
+
+
+def test_int4_is_refused_with_what_to_do(tmp_path):
+    from edgepeft.errors import SpecError
+    from edgepeft.exporters import export_bundle, load_model
+
+    with pytest.raises(SpecError, match="'int4' is available on the lean backend only.*quant='int8'"):
+        export_bundle(load_model(MODELS["decoder"].factory), methods=case("decoder", "lora")[0], quant="int4",
+                      out=tmp_path / "b.edgepeft", backends=("executorch-lean",))
+    assert not (tmp_path / "b.edgepeft").exists()
+
+
+@pytest.mark.slow
+def test_executorch_lean_smollm2_parity_with_eager(tmp_path):
+    """SmolLM2-135M, LoRA r8 on q/v over the int8 base, programs built for 2 rows: one step's
+    loss and gradients against eager PyTorch on the same weights and batch (1e-4 relative),
+    and the logits of the chunked head; no torch needed to run it (tested for the backend in
+    test_runtime_isolation)."""
+    from edgepeft.data import Batch
+    from edgepeft.exporters import export_bundle, load_model
+    from edgepeft.specs import LoraSpec
+
+    res = export_bundle(load_model("smollm2-135m", max_length=32), methods=[LoraSpec(rank=8, alpha=16,
+                        targets=("q_proj", "v_proj"))], out=tmp_path / "lm.edgepeft", backends=("executorch-lean",),
+                        executorch_batch_size=2)
+    s = _open(res, tmp_path, 1e-3, "executorch-lean")
+    rng = np.random.default_rng(0)
+    start = {n: v + rng.normal(0, 0.02, v.shape).astype(np.float32) for n, v in s.parameters().items()}
+    s.backend.load_parameters(start)
+    _load_into_reference(res, start)
+    ids = rng.integers(4, 40000, size=(3, 24))  # 3 rows: a full chunk and a padded one
+    mask = np.ones_like(ids)
+    mask[1, 18:] = 0
+    labels = np.full(ids.shape, -100)
+    labels[:, :-1] = np.where(mask[:, 1:] > 0, ids[:, 1:], -100)
+    batch = Batch({"input_ids": ids, "attention_mask": mask}, labels)
+    ref_loss, ref_logits, ref_grads = _reference(res, batch, _ce)
+    loss, grads = s.backend.forward_backward(batch)
+    assert loss == pytest.approx(ref_loss, rel=1e-4)
+    for n, g in grads.items():
+        scale = float(np.abs(ref_grads[n]).max())
+        assert float(np.abs(g - ref_grads[n]).max()) <= 1e-4 * scale + 1e-7, n
+    np.testing.assert_allclose(s.infer(batch.feeds), ref_logits, atol=2e-4 * float(np.abs(ref_logits).max()))
+    assert s.evaluate([batch]).loss == pytest.approx(ref_loss, rel=1e-4)
