@@ -123,7 +123,7 @@ REGISTRY: dict[str, BackendRecord] = {r.name: r for r in (
                           "executorch 1.5.1's runtime libraries (no torch); a model with lean parts, int8 or fp32",
                           batch_setting=names.EXECUTORCH_BATCH_SIZE),
         export="edgepeft.exporters.lean_executorch:build_target", members=("plan", "weights"),
-        settings={names.EXECUTORCH_BATCH_SIZE: int}),
+        settings={names.EXECUTORCH_BATCH_SIZE: int}, memory=importlib.import_module("edgepeft.memory_lean").EXECUTORCH_COSTS),
 )}
 
 # What export_bundle writes when not told, and every backend it can write.
