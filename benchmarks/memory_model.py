@@ -7,18 +7,23 @@ predicted and measured peak of every phase and the error in %.
 ``--fit`` solves the per-backend constants of edgepeft/memory_model.py by least squares on the
 CALIBRATION rows only (the tiny encoder, and MiniLM at two shapes) and prints them; every other
 row (the tiny decoder, MiniLM's other shapes) is held out, and the report marks which is which.
-Each configuration is measured in its own fresh, torch-free process."""
+``--backends lean``, ``executorch`` and ``executorch-lean`` fit their own models on calibration
+sets of their own (LEAN_CALIBRATION, ET_CALIBRATION, ET_LEAN_CALIBRATION) and write
+memory_model_<backends>.{json,md}. Each configuration is measured in its own fresh, torch-free
+process; the results record the command, the machine, package versions and load average
+(edgepeft.provenance) and the constants the fit solved."""
 from __future__ import annotations
 
 import argparse
 import json
 import platform
+import sys
 import time
 from pathlib import Path
 
 import numpy as np
 
-from edgepeft import memory_model
+from edgepeft import memory_model, provenance
 from edgepeft.cli import profiler
 from edgepeft.bundle import open_bundle
 
@@ -36,6 +41,10 @@ LEAN_CALIBRATION = {("tiny-encoder", 8, 64), ("tiny-encoder", 1, 32), ("minilm",
 # ExecuTorch's batch is fixed at export, so its calibration takes MiniLM at two sequence
 # lengths instead of two batches (its arena pages grow with the sequence, not the batch).
 ET_CALIBRATION = {("tiny-encoder", b, s) for b, s in GRID} | {("minilm", 8, 128), ("minilm", 8, 64)}
+# executorch-lean: the lean calibration's kinds of model at the programs' batch (8) or below it
+# (padded to 8); every other row is held out, those at batch 16 (two chunks) and the tiny decoder included.
+ET_LEAN_CALIBRATION = {("tiny-encoder", 8, 64), ("tiny-encoder", 1, 32), ("minilm", 8, 64), ("minilm", 8, 128),
+                       ("smollm2-135m", 2, 64)}
 OUT = Path(__file__).parent / "results"
 
 
@@ -77,7 +86,8 @@ def run(models, backends, grid, folder: Path) -> list[dict]:
 
 
 def _calibration(backend: str) -> set:
-    return {"lean": LEAN_CALIBRATION, "executorch": ET_CALIBRATION}.get(backend, CALIBRATION)
+    return {"lean": LEAN_CALIBRATION, "executorch": ET_CALIBRATION,
+            "executorch-lean": ET_LEAN_CALIBRATION}.get(backend, CALIBRATION)
 
 
 def fit_lean(rows: list[dict]) -> dict:
@@ -102,6 +112,32 @@ def fit_lean(rows: list[dict]) -> dict:
     s0 = np.median([r["measured"]["swap"] - p0.phases["swap"] - library for p0, _, r in preds])
     return {"library": int(library), "train_fixed": int(t0), "eval_fixed": int(e0), "swap_fixed": int(s0),
             "k_block": round(float(k_b), 3), "k_eval": round(float(k_e), 3)}
+
+
+def fit_executorch_lean(rows: list[dict]) -> dict:
+    """executorch-lean's constants (edgepeft.memory_lean.ExecutorchLeanCosts): the library from
+    open; then one least squares over the calibration rows' train, evaluate and swap excesses
+    over their exact byte terms: a fixed cost per phase and the arena's two factors, shared by
+    the three phases (the arena is the same resident pages in all of them)."""
+    from edgepeft import memory_lean
+
+    cal = [r for r in rows if r["calibration"] and r["backend"] == "executorch-lean"]
+    if not cal:
+        return {}
+    costs = [memory_lean.ExecutorchLeanCosts(library=0, train_fixed=0, eval_fixed=0, swap_fixed=0, k_hidden=a,
+                                             k_weights=w) for a, w in ((0.0, 0.0), (1.0, 0.0), (0.0, 1.0))]
+    at = lambda c, r: c.predict(_manifest_like(r), batch=r["batch"], seq=r["seq"],  # noqa: E731
+                                trainable_params=r["trainable"]).phases
+    preds = [([at(c, r) for c in costs], r) for r in cal]
+    library = float(np.median([r["measured"]["open"] - p[0]["open"] for p, r in preds]))
+    a, y = [], []
+    for col, phase in enumerate(("train_step", "evaluate", "swap")):
+        for (p0, p_h, p_w), r in preds:
+            a.append([float(col == 0), float(col == 1), float(col == 2), p_h[phase] - p0[phase], p_w[phase] - p0[phase]])
+            y.append(r["measured"][phase] - p0[phase] - library)
+    t0, e0, s0, k_h, k_w = np.linalg.lstsq(np.array(a), np.array(y), rcond=None)[0]
+    return {"library": int(library), "train_fixed": int(t0), "eval_fixed": int(e0), "swap_fixed": int(s0),
+            "k_hidden": round(float(k_h), 3), "k_weights": round(float(k_w), 3)}
 
 
 def _planned(manifest, backend: str) -> list[int] | None:
@@ -152,6 +188,8 @@ def fit(rows: list[dict], backend: str) -> dict:
         return fit_lean(rows)
     if backend == "executorch":
         return fit_planned(rows, backend)
+    if backend == "executorch-lean":
+        return fit_executorch_lean(rows)
     cal = [r for r in rows if r["calibration"] and r["backend"] == backend]
     if not cal:
         return {}
@@ -220,29 +258,40 @@ def main() -> None:
     ap.add_argument("--work", type=Path, default=Path("out/bench-memory"))
     a = ap.parse_args()
     a.work.mkdir(parents=True, exist_ok=True)
-    t = time.time()
+    t, start = time.time(), provenance.machine()
     rows = (json.loads(a.rows.read_text()) if a.rows else
             run(a.models.split(","), a.backends.split(","), GRID, a.work))
     for r in rows:  # rows reused from an earlier run take today's calibration sets
         r["calibration"] = (r["model"], r["batch"], r["seq"]) in _calibration(r["backend"])
     (a.work / "rows.json").write_text(json.dumps(rows))
-    if a.fit:
-        for be in a.backends.split(","):
-            print(be, fit(rows, be))
+    fitted = {be: fit(rows, be) for be in a.backends.split(",")} if a.fit else {}
+    for be, constants in fitted.items():
+        print(be, constants)
     results, table = report(rows)
+    write(a, results, table, fitted, start, time.time() - t)
+
+
+def write(a: argparse.Namespace, results: list[dict], table: str, fitted: dict, start: dict, seconds: float) -> None:
+    """memory_model[_<backends>].{json,md} with the command, the machine and its load at start
+    and end (edgepeft.provenance), and the constants ``--fit`` solved (the report itself uses
+    the ones in edgepeft/, which the fit's printout is pasted into)."""
     errs = [abs(e) for r in results for e in r["error_pct"].values()]
     held = [abs(e) for r in results if not r["calibration"] for e in r["error_pct"].values()]
     summary = {"max_abs_error_pct": round(max(errs), 1), "max_abs_error_pct_held_out": round(max(held or [0]), 1),
-               "rows": len(results), "seconds": round(time.time() - t, 1),
+               "rows": len(results), "held_out_rows": sum(not r["calibration"] for r in results),
+               "seconds": round(seconds, 1),
                "machine": {"machine": platform.machine(), "python": platform.python_version(),
                            "processor": platform.processor()}}
-    OUT.mkdir(exist_ok=True)
-    # The lean backend's rows go to a file of their own (memory_model_lean.*).
+    # Other backends' rows go to files of their own (memory_model_lean.*, memory_model_executorch-lean.*).
     name = "memory_model" if a.backends == "ort-training,portable" else "memory_model_" + a.backends.replace(",", "_")
-    (OUT / f"{name}.json").write_text(json.dumps({"summary": summary, "results": results}, indent=1))
+    command = "python -m benchmarks.memory_model " + " ".join(sys.argv[1:])
+    doc = provenance.write_results(OUT / f"{name}.json", {"summary": summary, "fitted": fitted, "results": results},
+                                   command=command, start=start)
+    end = json.loads(doc.read_text())["loadavg_end"]
     md = (f"# Memory model: measured / predicted peak RSS (MiB) per phase, error in %\n\n"
-          f"`python -m benchmarks.memory_model --backends {a.backends}` on {summary['machine']['machine']}, Python "
-          f"{summary['machine']['python']}, 2 threads. Max |error|: {summary['max_abs_error_pct']}% "
+          f"`{command}`: {start['date']}, {start['cpu_count']} cores ({start['cpu']}), {summary['machine']['machine']}, "
+          f"Python {summary['machine']['python']}, load average {start['loadavg'][0]:.1f} at start, {end[0]:.1f} at "
+          f"end; measured with 2 threads. Max |error|: {summary['max_abs_error_pct']}% "
           f"(held-out rows: {summary['max_abs_error_pct_held_out']}%).\n\n{table}\n")
     (OUT / f"{name}.md").write_text(md)
     print(md)

@@ -173,5 +173,7 @@ COSTS = LeanCosts(library=19_830_380, train_fixed=18_529_192, eval_fixed=17_752_
                   k_block=1.737, k_eval=1.556)
 # `python -m benchmarks.memory_model --backends executorch-lean --fit` (calibration rows only), 2026-12-01,
 # bundles exported with executorch_batch_size=8; the executorch-lean record (edgepeft.backends) names them.
+# benchmarks/results/memory_model_executorch-lean.* checks them on a second measurement of every row
+# (its own refit, in the JSON's "fitted", is within 2% of these).
 EXECUTORCH_COSTS = ExecutorchLeanCosts(library=4_990_572, train_fixed=5_333_152, eval_fixed=7_656_055,
                                        swap_fixed=5_228_594, k_hidden=56.6, k_weights=1.559)

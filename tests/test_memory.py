@@ -117,6 +117,25 @@ def test_lean_prediction_matches_measurement(lean_decoder, batch, seq):
     _check_prediction(lean_decoder.path, "lean", batch, seq, LEAN_BOUND)
 
 
+@pytest.fixture(scope="module")
+def et_lean_decoder(tmp_path_factory):
+    from edgepeft.exporters import export_bundle, load_model
+    from edgepeft.specs import LoraSpec
+
+    out = tmp_path_factory.mktemp("mem-et-lean") / "tiny-decoder-et-lean.edgepeft"
+    return export_bundle(load_model("tiny-decoder"), methods=[LoraSpec(rank=8, targets=("q_proj", "v_proj"))], out=out,
+                         quant="int8", backends=("executorch-lean",), executorch_batch_size=8)
+
+
+# Two chunks of the programs' batch of 8, and one padded chunk at a short sequence: neither shape
+# nor the tiny decoder is in the fit (benchmarks/memory_model.py's ET_LEAN_CALIBRATION).
+@pytest.mark.parametrize("batch, seq", [(16, 64), (2, 16)])
+def test_executorch_lean_prediction_matches_measurement(et_lean_decoder, batch, seq):
+    """A memory regression test for the executorch-lean backend: every phase of a fresh
+    torch-free process within 15 % of the prediction made from the manifest alone."""
+    _check_prediction(et_lean_decoder.path, "executorch-lean", batch, seq, LEAN_BOUND)
+
+
 def test_prediction_grows_with_batch_seq_and_rank(bundle_int8):
     m = bundle_int8.manifest
     p = lambda **kw: memory_model.predict(m, **({"backend": "ort-training", "batch": 4, "seq": 32} | kw)).peak  # noqa: E731
