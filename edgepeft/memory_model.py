@@ -111,7 +111,8 @@ class PlannedCosts:
     """A backend whose programs plan their memory at export for a fixed batch (ExecuTorch): the
     same terms as ``costs`` at the program's batch, whatever batch is asked (a smaller batch is
     padded, a larger one split into program-sized chunks), and at the asked sequence length
-    (the arena is planned for the longest, but only the pages a run touches become resident)."""
+    (the arena is planned for the longest, but only the pages a run touches become resident);
+    plus a causal LM's logits on the host, which do grow with the asked batch (``split_logits``)."""
 
     costs: BackendCosts
     backend: str       # whose manifest entry holds the batch
@@ -122,9 +123,28 @@ class PlannedCosts:
         if entry is None:
             raise SpecError(f"bundle {manifest.model_name!r} has no {self.backend!r} programs to predict")
         planned = int(entry.settings[self.batch_setting])
-        p = self.costs.predict(manifest, batch=planned, seq=min(seq, manifest.max_length),
-                               trainable_params=trainable_params)
-        return dataclasses.replace(p, batch=batch, seq=seq)
+        seq_run = min(seq, manifest.max_length)
+        p = self.costs.predict(manifest, batch=planned, seq=seq_run, trainable_params=trainable_params)
+        evaluate, infer = split_logits(batch, planned, seq_run, card(manifest).get("logits_per_position", 0))
+        phases = p.phases | {"evaluate": p.phases["evaluate"] + evaluate, "infer": p.phases["infer"] + infer}
+        return dataclasses.replace(p, batch=batch, seq=seq, phases=phases,
+                                   parts=p.parts | {"eval_logits": evaluate, "infer_logits": infer})
+
+
+def split_logits(batch: int, planned: int, seq: int, vocab: int) -> tuple[int, int]:
+    """A causal LM's logits on the host side of a fixed-batch program (bytes; 0 for a classifier,
+    whose logits are a few floats per row), for (evaluate, infer). Inference keeps each chunk's
+    (planned x seq x vocab) output alive (the real rows are a view of it) until they are
+    concatenated into the (batch x seq x vocab) result; evaluation then takes the cross-entropy
+    of that result in float64: a copy, ``x - max`` and its ``exp`` (3 x 8 bytes per logit) next
+    to the float32 result. These depend on the ASKED batch, not the planned one: a batch larger
+    than the program's gives more logits, not a bigger arena."""
+    per_row = seq * vocab
+    chunks = -(-batch // planned)
+    infer = (chunks * planned + batch) * per_row * 4
+    # The cross-entropy's peak: the float32 result (4) + three float64 arrays (3 x 8) per logit.
+    return max(infer, (4 + 3 * 8) * batch * per_row), infer
+
 
 # Python 3.11 + numpy + edgepeft.runtime imported, measured before Session.open.
 INTERPRETER = 33 * MiB
