@@ -42,7 +42,9 @@ LEAN_CALIBRATION = {("tiny-encoder", 8, 64), ("tiny-encoder", 1, 32), ("minilm",
 # lengths instead of two batches (its arena pages grow with the sequence, not the batch).
 ET_CALIBRATION = {("tiny-encoder", b, s) for b, s in GRID} | {("minilm", 8, 128), ("minilm", 8, 64)}
 # executorch-lean: the lean calibration's kinds of model at the programs' batch (8) or below it
-# (padded to 8); every other row is held out, those at batch 16 (two chunks) and the tiny decoder included.
+# (padded to 8), MiniLM at two sequence lengths (the arena's pages grow with the sequence: without
+# a second length its sequence and weight terms are not told apart); every other row is held out,
+# those at batch 16 (two chunks) and the tiny decoder included.
 ET_LEAN_CALIBRATION = {("tiny-encoder", 8, 64), ("tiny-encoder", 1, 32), ("minilm", 8, 64), ("minilm", 8, 128),
                        ("smollm2-135m", 2, 64)}
 OUT = Path(__file__).parent / "results"
