@@ -26,11 +26,15 @@ BATCH = 4
 def exported(tmp_path_factory):
     from edgepeft.exporters import export_bundle, load_model
 
+    done: dict[tuple[str, str], tuple] = {}  # the crafted-member and device tests reuse a case's bundle
+
     def get(model: str, method: str):
-        d = tmp_path_factory.mktemp(f"et-lean-{model}-{method}")
-        res = export_bundle(load_model(MODELS[model].factory), methods=case(model, method)[0], quant="int8",
-                            out=d / "b.edgepeft", backends=("executorch-lean", "lean"), executorch_batch_size=BATCH)
-        return res, d
+        if (model, method) not in done:
+            d = tmp_path_factory.mktemp(f"et-lean-{model}-{method}")
+            res = export_bundle(load_model(MODELS[model].factory), methods=case(model, method)[0], quant="int8",
+                                out=d / "b.edgepeft", backends=("executorch-lean", "lean"), executorch_batch_size=BATCH)
+            done[model, method] = res, d
+        return done[model, method]
 
     return get
 
@@ -152,3 +156,91 @@ def test_executorch_lean_smollm2_parity_with_eager(tmp_path):
         assert float(np.abs(g - ref_grads[n]).max()) <= 1e-4 * scale + 1e-7, n
     np.testing.assert_allclose(s.infer(batch.feeds), ref_logits, atol=2e-4 * float(np.abs(ref_logits).max()))
     assert s.evaluate([batch]).loss == pytest.approx(ref_loss, rel=1e-4)
+
+
+def _recrafted(path, tmp_path, edit) -> "Path":
+    """The bundle with members rewritten by ``edit(contents)`` and their sha256 updated in the
+    manifest (crafted members that pass the bundle's integrity checks)."""
+    import io
+    import json
+    import zipfile
+
+    from edgepeft import names
+    from edgepeft.fsutil import sha256_bytes
+
+    with zipfile.ZipFile(path) as z:
+        infos = z.infolist()
+        contents = {i.filename: z.read(i) for i in infos}
+    before = dict(contents)
+    edit(contents)
+    manifest = json.loads(contents[names.MANIFEST])
+    for member, data in contents.items():
+        if member != names.MANIFEST and data != before[member]:
+            manifest["members"][member] = sha256_bytes(data)
+    contents[names.MANIFEST] = json.dumps(manifest).encode()
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w") as z:
+        for i in infos:
+            z.writestr(i, contents[i.filename])
+    out = tmp_path / "crafted.edgepeft"
+    out.write_bytes(buf.getvalue())
+    return out
+
+
+def _plan_edit(fn):
+    def edit(contents):
+        import json
+
+        plan = json.loads(contents["lean/executorch/plan.json"])
+        fn(plan)
+        contents["lean/executorch/plan.json"] = json.dumps(plan).encode()
+    return edit
+
+
+def _drop_first_input(plan):
+    sig = plan["signatures"]["lean/executorch/block0_vjp.pte"]
+    sig["inputs"] = sig["inputs"][1:]
+
+
+CRAFTED = {
+    "program-garbage": (lambda c: c.update({"lean/executorch/block0.pte": b"\x00" * 64}), "BundleError",
+                        "lean/executorch/block0.pte"),
+    "program-of-another-part": (lambda c: c.update({"lean/executorch/block0.pte": c["lean/executorch/post.pte"]}),
+                                "BundleError", "takes"),
+    "signature-short": (_plan_edit(_drop_first_input), "BundleError", "takes"),
+    "signatures-missing": (_plan_edit(lambda p: p.pop("signatures")), "BundleError", "re-export"),
+    "unknown-block-program": (_plan_edit(lambda p: p["blocks"][0].update(graph="nope")), "BackendError", "nope"),
+    "control-untouched": (_plan_edit(lambda p: None), None, None),  # a re-serialized, unchanged plan trains
+}
+
+
+@pytest.mark.parametrize("case_", sorted(CRAFTED))
+def test_crafted_members_end_in_the_error_family(exported, tmp_path, case_):
+    """Members crafted with valid hashes (programs, the plan's signatures and blocks): a session
+    either trains and infers or fails with an EdgePeftError saying what to do."""
+    from edgepeft.data import Batch
+    from edgepeft.errors import EdgePeftError
+
+    res, _ = exported("decoder", "lora")
+    edit, error, words = CRAFTED[case_]
+    path = _recrafted(res.path, tmp_path, edit)
+    ids = np.random.default_rng(0).integers(3, 250, size=(5, 12))
+    labels = np.full(ids.shape, -100)
+    labels[:, :-1] = ids[:, 1:]
+    b = Batch({"input_ids": ids, "attention_mask": np.ones_like(ids)}, labels)
+    if error is None:
+        s = _open_path(path, tmp_path)
+        assert np.isfinite(s.train_step(b)) and s.infer(b.feeds).shape == (5, 12, 259)
+        return
+    with pytest.raises(EdgePeftError) as e:
+        s = _open_path(path, tmp_path)
+        s.train_step(b)
+        s.infer(b.feeds)
+    assert type(e.value).__name__ == error and words in str(e.value), str(e.value)
+
+
+def _open_path(path, d):
+    from edgepeft.runtime import OptimizerSpec, Session
+
+    return Session.open(path, adapter="a", store=d / "store", cache_dir=d / "cache", threads=1,
+                        optimizer=OptimizerSpec(lr=1e-2), backend="executorch-lean")

@@ -89,7 +89,7 @@ class ExecutorchBackend:
         with engine_errors(self.name, "inference"):
             outs = [self._infer_program.run([*(chunk.feeds[n] for n in self._inputs), *adapter])[0][:real]
                     for real, chunk in self._chunks(feeds, None)]
-        return np.concatenate(outs)
+        return outs[0] if len(outs) == 1 else np.concatenate(outs)  # one chunk: no copy of its logits
 
     def named_parameters(self) -> dict[str, np.ndarray]:
         return {n: v.copy() for n, v in self._params.items()}

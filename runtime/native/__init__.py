@@ -49,6 +49,7 @@ def _library() -> ctypes.CDLL:
             lib.edgepeft_et_output.argtypes = [vp, i, ctypes.POINTER(vp), ctypes.POINTER(i),
                                                ctypes.POINTER(ctypes.c_int64)]
             lib.edgepeft_et_close.argtypes = [vp]
+            lib.edgepeft_et_planned_sizes.argtypes = [cp, cp, ctypes.POINTER(ctypes.c_int64), i, cp, sz]
             _lib = lib
     return _lib
 
@@ -71,6 +72,17 @@ def set_threads(n: int) -> None:
     lib = _library()
     with _quiet_stderr():
         lib.edgepeft_et_set_threads(int(n))
+
+
+def planned_sizes(path: str, *, what: str, method: str = "forward") -> list[int]:
+    """Bytes of each planned (activation) buffer ``method`` of the program at ``path`` needs."""
+    lib = _library()
+    sizes, err = (ctypes.c_int64 * 16)(), ctypes.create_string_buffer(_ERR)
+    with _quiet_stderr():
+        n = lib.edgepeft_et_planned_sizes(str(path).encode(), method.encode(), sizes, 16, err, _ERR)
+    if n < 0 or n > 16:
+        raise ExecutorchError(f"ExecuTorch cannot read {what} ({path}): {err.value.decode(errors='replace')}")
+    return list(sizes[:n])
 
 
 class Program:

@@ -129,6 +129,26 @@ void* edgepeft_et_open(const char* path, const char* method, char* err, size_t e
   return p.release();
 }
 
+// The sizes of ``method``'s planned buffers in ``path`` (without loading the method), up to
+// ``max`` of them: their count, or -1 with ``err`` filled. A process that loads several
+// programs loads the largest first, so the shared arena is sized once (plan_memory can only
+// grow it by new buffers, not enlarge one a loaded program already uses).
+int edgepeft_et_planned_sizes(const char* path, const char* method, int64_t* sizes, int max, char* err,
+                              size_t errlen) {
+  Module module(path, Module::LoadMode::Mmap);
+  auto meta = module.method_meta(method);
+  if (!meta.ok()) {
+    set_error(err, errlen, error_text("loading the program", meta.error()));
+    return -1;
+  }
+  int n = static_cast<int>(meta->num_memory_planned_buffers());
+  for (int i = 0; i < n && i < max; ++i) {
+    auto size = meta->memory_planned_buffer_size(i);
+    sizes[i] = size.ok() ? size.get() : -1;
+  }
+  return n;
+}
+
 // Inputs the method takes (its MethodMeta), or -1.
 int edgepeft_et_num_inputs(void* handle) {
   auto* p = static_cast<Program*>(handle);
