@@ -134,10 +134,10 @@ def _outside_blocks(manifest: Manifest, lean: dict) -> int:
 
 def _chunked_logits(lean: dict, batch: int, planned: int, seq: int) -> int:
     """A causal LM's inference: each chunk's (planned x seq x vocab) logits stay alive (the
-    real rows are a view of them) until they are concatenated into the (batch x seq x vocab)
-    result."""
+    real rows are a view of them); several chunks are concatenated into the (batch x seq x
+    vocab) result, one is returned as it is."""
     chunks = -(-batch // planned)
-    return (chunks * planned + batch) * seq * lean["head_rows"] * F32
+    return (chunks * planned + (batch if chunks > 1 else 0)) * seq * lean["head_rows"] * F32
 
 
 def lean_section(manifest: Manifest) -> dict:
@@ -178,6 +178,7 @@ COSTS = LeanCosts(library=19_830_380, train_fixed=18_529_192, eval_fixed=17_752_
 # `python -m benchmarks.memory_model --backends executorch-lean --fit` (calibration rows only), 2026-12-01,
 # bundles exported with executorch_batch_size=8; the executorch-lean record (edgepeft.backends) names them.
 # benchmarks/results/memory_model_executorch-lean.* checks them on a second measurement of every row
-# (its own refit, in the JSON's "fitted", is within 2% of these).
-EXECUTORCH_COSTS = ExecutorchLeanCosts(library=4_990_572, train_fixed=5_333_152, eval_fixed=7_656_055,
-                                       swap_fixed=5_228_594, k_hidden=56.6, k_weights=1.559)
+# (its own refit, in the JSON's "fitted", is within 3% of these); refitted after 1992ff3 (programs loaded
+# largest first: one arena).
+EXECUTORCH_COSTS = ExecutorchLeanCosts(library=5_869_164, train_fixed=5_772_429, eval_fixed=8_666_725,
+                                       swap_fixed=5_547_040, k_hidden=36.504, k_weights=1.331)

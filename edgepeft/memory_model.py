@@ -134,16 +134,18 @@ class PlannedCosts:
 def split_logits(batch: int, planned: int, seq: int, vocab: int) -> tuple[int, int]:
     """A causal LM's logits on the host side of a fixed-batch program (bytes; 0 for a classifier,
     whose logits are a few floats per row), for (evaluate, infer). Inference keeps each chunk's
-    (planned x seq x vocab) output alive (the real rows are a view of it) until they are
-    concatenated into the (batch x seq x vocab) result; evaluation then takes the cross-entropy
-    of that result in float64: a copy, ``x - max`` and its ``exp`` (3 x 8 bytes per logit) next
-    to the float32 result. These depend on the ASKED batch, not the planned one: a batch larger
-    than the program's gives more logits, not a bigger arena."""
+    (planned x seq x vocab) output alive (the real rows are a view of it); several chunks are
+    then concatenated into the (batch x seq x vocab) result, one is returned as it is.
+    Evaluation then takes the cross-entropy of that result in float64: a copy, ``x - max`` and
+    its ``exp`` (3 x 8 bytes per logit) next to the float32 result. These depend on the ASKED
+    batch, not the planned one: a batch larger than the program's gives more logits, not a
+    bigger arena."""
     per_row = seq * vocab
     chunks = -(-batch // planned)
-    infer = (chunks * planned + batch) * per_row * 4
+    result = planned if chunks == 1 else batch  # rows of the float32 array the call returns
+    infer = (chunks * planned + (batch if chunks > 1 else 0)) * per_row * 4
     # The cross-entropy's peak: the float32 result (4) + three float64 arrays (3 x 8) per logit.
-    return max(infer, (4 + 3 * 8) * batch * per_row), infer
+    return max(infer, (4 * result + 3 * 8 * batch) * per_row), infer
 
 
 # Python 3.11 + numpy + edgepeft.runtime imported, measured before Session.open.
