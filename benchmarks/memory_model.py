@@ -103,9 +103,7 @@ def fit_lean(rows: list[dict]) -> dict:
     preds = [(zero.predict(_manifest_like(r), batch=r["batch"], seq=r["seq"], trainable_params=r["trainable"]),
               one.predict(_manifest_like(r), batch=r["batch"], seq=r["seq"], trainable_params=r["trainable"]), r)
              for r in cal]
-    # onnxruntime is imported at the first graph, not at open: the library is what the swap (which
-    # runs no graph, after the steps) holds beyond the interpreter and the adapters (so s0 is ~0).
-    library = float(np.median([r["measured"]["swap"] - p0.phases["swap"] for p0, _, r in preds]))
+    library = float(np.median([r["measured"]["open"] - p0.phases["open"] for p0, _, r in preds]))
 
     def solve(phase: str) -> tuple[float, float]:
         a = np.array([[1.0, p1.phases[phase] - p0.phases[phase]] for p0, p1, _ in preds])

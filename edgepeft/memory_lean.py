@@ -5,7 +5,6 @@ memory-mapped and released after every graph, onnxruntime runs without an arena,
 phase allocates is freed when it ends. Each phase is the resident base plus what that phase
 holds at its worst moment:
 
-    open       = interpreter + the adapter (onnxruntime is imported when the first graph runs)
     base       = interpreter + runtime library + the adapter
     train_step = base + t0 + the block inputs kept for backward (blocks x batch x seq x hidden)
                  + k_b * (one block's saved activations + its dequantized weights)
@@ -55,10 +54,7 @@ class LeanCosts:
         base = INTERPRETER + self.library + t
         train = (base + self.train_fixed + parts["block_inputs"] + parts["block"] + parts["head_train"] + 4 * t)
         evaluate = base + self.eval_fixed + int(self.k_eval * block) + parts["head_eval"]
-        # open maps the weights and reads the plan; onnxruntime comes with the first graph (since
-        # the executorch-lean backend shares this walk without it), so open holds no library.
-        phases = {"open": INTERPRETER + t, "train_step": train, "evaluate": evaluate,
-                  "swap": base + self.swap_fixed + 3 * t,
+        phases = {"open": base, "train_step": train, "evaluate": evaluate, "swap": base + self.swap_fixed + 3 * t,
                   "infer": evaluate - parts["head_eval"] + parts["logits"]}
         return Prediction("lean", batch, seq, phases, parts)
 
