@@ -46,8 +46,7 @@ class _Program:
 class ExecutorchLeanBackend(LeanBackend):
     name = names.BACKEND_EXECUTORCH_LEAN
 
-    def __init__(self, bundle: OpenedBundle, *, threads: int | None = None):
-        super().__init__(bundle, threads=threads)
+    def _prepare(self, threads: int | None) -> None:
         try:
             self.batch_size = int(self._entry.settings[names.EXECUTORCH_BATCH_SIZE])
             self._signatures = self._plan["signatures"]

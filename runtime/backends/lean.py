@@ -105,13 +105,17 @@ class LeanBackend:
             self._plan = json.loads(bundle.path(entry.members["plan"]).read_text(encoding="utf-8"))
         with engine_errors(self.name, "mapping the weights", members=[entry.members["weights"]]):
             self._weights = MappedWeights(bundle.path(entry.members["weights"]))
-        self._threads = threads
         self._sessions: dict[str, object] = {}
         self._trainable = bundle.manifest.trainable_names
         self._inputs = [i.name for i in bundle.manifest.inputs]
         self._params: dict[str, np.ndarray] = {}
         with engine_errors(self.name, "building the LM head", members=list(entry.members.values())):
             self._head = self._make_head()
+        self._prepare(threads)
+
+    def _prepare(self, threads: int | None) -> None:
+        """The engine, ready at open (so open's memory includes it, as the memory model says)."""
+        self._opts = self._options(threads)
 
     def _make_head(self) -> lean_head.Head | None:
         """The LM head as stored: int4 (the plan names its packed codes, scales and mins), int8
@@ -152,8 +156,6 @@ class LeanBackend:
         return s
 
     def _open_graph(self, member: str) -> _OrtGraph:
-        if not hasattr(self, "_opts"):
-            self._opts = self._options(self._threads)
         # No constant folding: it would turn DequantizeLinear of a constant into fp32 copies
         # (there are none here, weights are inputs, but keep int8 honest), and no CSE.
         return _OrtGraph(onnxruntime().InferenceSession(
