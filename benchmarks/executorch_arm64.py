@@ -5,6 +5,9 @@ only: emulation says nothing about speed or memory.
 
     edgepeft export --model tiny-encoder --backend executorch --out out/bench/tiny-executorch.edgepeft
     python -m benchmarks.executorch_arm64 --bundle out/bench/tiny-executorch.edgepeft
+    edgepeft export --model tiny-encoder --backend executorch-lean --out out/bench/tiny-executorch-lean.edgepeft
+    python -m benchmarks.executorch_arm64 --bundle out/bench/tiny-executorch-lean.edgepeft --backend executorch-lean \
+        --out benchmarks/results/executorch_lean
 
 Needs aarch64-linux-gnu-g++ (Debian's g++-aarch64-linux-gnu) and the registry (the aarch64
 executorch==1.5.1 wheel, the emulated Python of device_tests.armemu)."""
@@ -27,7 +30,7 @@ NAME = "executorch_arm64"
 STEPS = """
 import json, platform, sys
 from edgepeft.runtime import Example, OptimizerSpec, Session
-s = Session.open(sys.argv[1], adapter="arm", store=sys.argv[2], cache_dir=sys.argv[3], backend="executorch",
+s = Session.open(sys.argv[1], adapter="arm", store=sys.argv[2], cache_dir=sys.argv[3], backend=sys.argv[4],
                  threads=1, optimizer=OptimizerSpec(lr=1e-2))
 b = s.encoder.batch([Example(t, l) for t, l in [("good film", "pos"), ("bad plot", "neg"), ("great story", "pos"),
                                                ("awful acting", "neg"), ("fine", "pos"), ("meh", "neg")]])
@@ -63,6 +66,7 @@ def main(argv: list[str] | None = None) -> Path:
 
     ap = argparse.ArgumentParser(prog="python -m benchmarks.executorch_arm64")
     ap.add_argument("--bundle", type=Path, required=True, help="a bundle with the executorch backend")
+    ap.add_argument("--backend", default="executorch", choices=["executorch", "executorch-lean"])
     ap.add_argument("--out", type=Path, default=RESULTS / "executorch")
     a = ap.parse_args(argv)
     run = Run(NAME, argv)
@@ -77,8 +81,8 @@ def main(argv: list[str] | None = None) -> Path:
     py = armemu.build("cortex-a72", wheel=next((work / "whl").glob("*.whl")))
     (work / "steps.py").write_text(STEPS)
     args = [str(work / "steps.py"), str(a.bundle)]
-    host = _run([sys.executable, *args, str(work / "host-store"), str(work / "host-cache")])
-    arm = _run(py.command(*args, str(work / "arm-store"), str(work / "arm-cache")),
+    host = _run([sys.executable, *args, str(work / "host-store"), str(work / "host-cache"), a.backend])
+    arm = _run(py.command(*args, str(work / "arm-store"), str(work / "arm-cache"), a.backend),
                env={**py.env(), "EDGEPEFT_ET_RUNNER": runner})
     diff = {"loss": max(abs(x - y) for x, y in zip(host["losses"], arm["losses"])),
             "logits": max(abs(x - y) for hr, ar in zip(host["logits"], arm["logits"]) for x, y in zip(hr, ar))}
@@ -88,7 +92,7 @@ def main(argv: list[str] | None = None) -> Path:
     md += (f"\n\nLargest difference, host vs emulated: loss {diff['loss']:.2e}, logits {diff['logits']:.2e}. The "
            f"runner was cross-built ({runner}) against the aarch64 executorch wheel's lib/ and include/; "
            f"host {platform.machine()}.")
-    out = run.write({"host": host, "arm64": arm, "max_abs_diff": diff}, md, a.out)
+    out = run.write({"backend": a.backend, "host": host, "arm64": arm, "max_abs_diff": diff}, md, a.out)
     print(md)
     return out
 
