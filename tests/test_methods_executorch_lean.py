@@ -13,8 +13,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from test_methods import MODELS, _ce, _load_into_reference, _reference, assert_step_matches_eager, case
-from test_methods_lean import FULL, FULL_SET, STEPS, _open
+from test_methods import MODELS, case
+from test_methods_lean import FULL, FULL_SET, _open, assert_smollm2_step_matches_eager, assert_trains_like
 
 DEFAULT = {("encoder", "prefix"), ("decoder", "lora"), ("decoder", "prompt-random")}
 CASES = [pytest.param(m, k, id=f"{m}-{k}-executorch-lean", marks=[pytest.mark.slow])
@@ -48,16 +48,7 @@ def test_executorch_lean_method_on_model(exported, model, method):
     batch = MODELS[model].batch(et)
     assert len(batch.labels) > BATCH  # a full chunk and a padded one
 
-    loss, grads = assert_step_matches_eager(res, et, batch)
-    l_loss, l_grads = lean.backend.forward_backward(batch)
-    assert loss == pytest.approx(l_loss, abs=1e-5)
-    for n, g in grads.items():
-        np.testing.assert_allclose(g, l_grads[n], atol=1e-5, rtol=1e-3, err_msg=n)
-
-    curve = [et.train_step(batch) for _ in range(STEPS)]
-    l_curve = [lean.train_step(batch) for _ in range(STEPS)]
-    np.testing.assert_allclose(curve, l_curve, rtol=1e-4, atol=1e-5)
-    assert curve[-1] < (1 - min_drop) * curve[0], curve
+    assert_trains_like(res, et, lean, batch, min_drop)
 
     trained = et.evaluate([batch])
     assert trained.loss == pytest.approx(lean.evaluate([batch]).loss, abs=1e-5)
@@ -126,39 +117,13 @@ def test_int4_is_refused_with_what_to_do(tmp_path):
 
 @pytest.mark.slow
 def test_executorch_lean_smollm2_parity_with_eager(tmp_path):
-    """SmolLM2-135M, LoRA r8 on q/v over the int8 base, programs built for 2 rows: one step's
-    loss and gradients against eager PyTorch on the same weights and batch (1e-4 relative),
-    and the logits of the chunked head; no torch needed to run it (tested for the backend in
-    test_runtime_isolation)."""
-    from edgepeft.data import Batch
-    from edgepeft.exporters import export_bundle, load_model
-    from edgepeft.specs import LoraSpec
-
-    res = export_bundle(load_model("smollm2-135m", max_length=32), methods=[LoraSpec(rank=8, alpha=16,
-                        targets=("q_proj", "v_proj"))], out=tmp_path / "lm.edgepeft", backends=("executorch-lean",),
-                        executorch_batch_size=2)
-    s = _open(res, tmp_path, 1e-3, "executorch-lean")
-    rng = np.random.default_rng(0)
-    start = {n: v + rng.normal(0, 0.02, v.shape).astype(np.float32) for n, v in s.parameters().items()}
-    s.backend.load_parameters(start)
-    _load_into_reference(res, start)
-    ids = rng.integers(4, 40000, size=(3, 24))  # 3 rows: a full chunk and a padded one
-    mask = np.ones_like(ids)
-    mask[1, 18:] = 0
-    labels = np.full(ids.shape, -100)
-    labels[:, :-1] = np.where(mask[:, 1:] > 0, ids[:, 1:], -100)
-    batch = Batch({"input_ids": ids, "attention_mask": mask}, labels)
-    ref_loss, ref_logits, ref_grads = _reference(res, batch, _ce)
-    loss, grads = s.backend.forward_backward(batch)
-    assert loss == pytest.approx(ref_loss, rel=1e-4)
-    for n, g in grads.items():
-        scale = float(np.abs(ref_grads[n]).max())
-        assert float(np.abs(g - ref_grads[n]).max()) <= 1e-4 * scale + 1e-7, n
-    np.testing.assert_allclose(s.infer(batch.feeds), ref_logits, atol=2e-4 * float(np.abs(ref_logits).max()))
-    assert s.evaluate([batch]).loss == pytest.approx(ref_loss, rel=1e-4)
+    """SmolLM2-135M, LoRA r8 on q/v over the int8 base, programs built for 2 rows and a batch of
+    3 (a full chunk and a padded one): one step's loss and gradients against eager PyTorch on the
+    same weights and batch (1e-4 relative), the logits of the chunked head, evaluate."""
+    assert_smollm2_step_matches_eager(tmp_path, "executorch-lean", rows=3, executorch_batch_size=2)
 
 
-def _recrafted(path, tmp_path, edit) -> "Path":
+def _recrafted(path, tmp_path, edit):
     """The bundle with members rewritten by ``edit(contents)`` and their sha256 updated in the
     manifest (crafted members that pass the bundle's integrity checks)."""
     import io

@@ -57,16 +57,7 @@ def test_lean_method_on_model(exported, model, method):
     assert lean.backend.name == "lean" and today.backend.name == "ort-training"
     batch = MODELS[model].batch(lean)
 
-    loss, grads = assert_step_matches_eager(res, lean, batch)
-    t_loss, t_grads = today.backend.forward_backward(batch)
-    assert loss == pytest.approx(t_loss, abs=1e-5)
-    for n, g in grads.items():
-        np.testing.assert_allclose(g, t_grads[n], atol=1e-5, rtol=1e-3, err_msg=n)
-
-    curve = [lean.train_step(batch) for _ in range(STEPS)]
-    t_curve = [today.train_step(batch) for _ in range(STEPS)]
-    np.testing.assert_allclose(curve, t_curve, rtol=1e-4, atol=1e-5)
-    assert curve[-1] < (1 - min_drop) * curve[0], curve
+    assert_trains_like(res, lean, today, batch, min_drop)
 
     trained = lean.evaluate([batch]).loss
     lean.save_adapter()
@@ -78,6 +69,21 @@ def test_lean_method_on_model(exported, model, method):
     today.close()
     again = _open(res, d, lr, "lean")
     assert again.evaluate([batch]).loss == trained
+
+
+def assert_trains_like(res, s, other, batch, min_drop: float) -> None:
+    """``s``'s step matches eager PyTorch, and ``other`` (another backend on the same bundle) in
+    loss and gradients (1e-5); their 20-step curves agree (1e-4 relative) and fall."""
+    loss, grads = assert_step_matches_eager(res, s, batch)
+    o_loss, o_grads = other.backend.forward_backward(batch)
+    assert loss == pytest.approx(o_loss, abs=1e-5)
+    for n, g in grads.items():
+        np.testing.assert_allclose(g, o_grads[n], atol=1e-5, rtol=1e-3, err_msg=n)
+
+    curve = [s.train_step(batch) for _ in range(STEPS)]
+    o_curve = [other.train_step(batch) for _ in range(STEPS)]
+    np.testing.assert_allclose(curve, o_curve, rtol=1e-4, atol=1e-5)
+    assert curve[-1] < (1 - min_drop) * curve[0], curve
 
 
 @pytest.mark.parametrize("model", ["cnn", "mlp"])
@@ -147,18 +153,25 @@ def test_lean_smollm2_parity_with_eager(tmp_path):
     """The real model: SmolLM2-135M with LoRA r8 on q/v over the int8 base, one lean step's loss
     and gradients against eager PyTorch on the same weights and batch (1e-4 relative), and the
     logits of the chunked head."""
+    assert_smollm2_step_matches_eager(tmp_path, "lean", rows=2)
+
+
+def assert_smollm2_step_matches_eager(tmp_path, backend: str, rows: int, **export_options) -> None:
+    """SmolLM2-135M (max_length 32), LoRA r8 q/v, int8 base, adapter moved off its initial
+    values: loss, gradients (1e-4 of each tensor's scale), logits and evaluate against eager."""
     from edgepeft.data import Batch
     from edgepeft.exporters import export_bundle, load_model
     from edgepeft.specs import LoraSpec
 
     res = export_bundle(load_model("smollm2-135m", max_length=32), methods=[LoraSpec(rank=8, alpha=16,
-                        targets=("q_proj", "v_proj"))], out=tmp_path / "lm.edgepeft", backends=("lean",))
-    s = _open(res, tmp_path, 1e-3, "lean")
+                        targets=("q_proj", "v_proj"))], out=tmp_path / "lm.edgepeft", backends=(backend,),
+                        **export_options)
+    s = _open(res, tmp_path, 1e-3, backend)
     rng = np.random.default_rng(0)
     start = {n: v + rng.normal(0, 0.02, v.shape).astype(np.float32) for n, v in s.parameters().items()}
     s.backend.load_parameters(start)
     _load_into_reference(res, start)
-    ids = rng.integers(4, 40000, size=(2, 24))
+    ids = rng.integers(4, 40000, size=(rows, 24))
     mask = np.ones_like(ids)
     mask[1, 18:] = 0
     labels = np.full(ids.shape, -100)
