@@ -17,7 +17,6 @@ from typing import Mapping
 import numpy as np
 
 from edgepeft import names
-from edgepeft.bundle import OpenedBundle
 from edgepeft.data import Batch
 from edgepeft.errors import BackendError, BundleError
 from edgepeft.runtime.backends.base import check_inputs, engine_errors
