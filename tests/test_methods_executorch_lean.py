@@ -6,8 +6,9 @@ and against the lean backend's ONNX graphs on the same bundle (loss, gradients, 
 curve), with save -> swap -> swap back and a reopened session evaluating bit for bit; and the
 real model: SmolLM2-135M's step against eager PyTorch.
 
-ExecuTorch lowering adds ~30 s per case: make test runs one encoder and two decoder cases;
-EDGEPEFT_FULL_METHODS=1 runs the lean column's whole set."""
+ExecuTorch lowering adds ~30 s per case: make test runs one encoder and one decoder case;
+EDGEPEFT_FULL_METHODS=1 runs the lean column's whole set (prompt tuning on the decoder among
+them: its programs carry the shape asserts ExecuTorch's verifier refuses, dropped at lowering)."""
 from __future__ import annotations
 
 import numpy as np
@@ -16,7 +17,7 @@ import pytest
 from test_methods import MODELS, case
 from test_methods_lean import FULL, FULL_SET, _open, assert_smollm2_step_matches_eager, assert_trains_like
 
-DEFAULT = {("encoder", "prefix"), ("decoder", "lora"), ("decoder", "prompt-random")}
+DEFAULT = {("encoder", "prefix"), ("decoder", "lora")}
 CASES = [pytest.param(m, k, id=f"{m}-{k}-executorch-lean", marks=[pytest.mark.slow])
          for m, k in sorted(FULL_SET if FULL else DEFAULT)]
 BATCH = 4
