@@ -193,6 +193,8 @@ class _Ctx:
     max_length: int = 1 << 16
     # member -> {"inputs": [...], "outputs": [...]}: positional programs (ExecuTorch) need them.
     signatures: dict = field(default_factory=dict)
+    # Block buffers fed as inputs (full name -> tensor), stored with the frozen weights.
+    buffer_inputs: dict = field(default_factory=dict)
 
 
 Emit = Callable[..., "dict | None"]
@@ -361,10 +363,28 @@ def _ctx_axes(t: torch.Tensor, sh: Shapes, hseq: int) -> dict[int, str] | None:
     return axes or None
 
 
-def _signature(block: nn.Module, prefix: str, c: _Ctx) -> tuple:
+def _signature(block: nn.Module, prefix: str, c: _Ctx, tensors: dict[str, torch.Tensor]) -> tuple:
     return (type(block).__qualname__, getattr(block, "lean_key", None),
             tuple((n, tuple(p.shape), prefix + n in c.trainable, prefix + n in c.quantized)
-                  for n, p in block.named_parameters()))
+                  for n, p in tensors.items()))
+
+
+def _varying_buffers(blocks) -> set[str]:
+    """Names (within a block) of buffers whose values differ between blocks, such as LoRA-FA's
+    frozen A matrices: a graph shared by blocks takes them as inputs. Buffers equal in every
+    block (rotary tables) stay constants of the graph."""
+    first: dict[str, torch.Tensor] = {}
+    varying = set()
+    for block in blocks:
+        for n, t in block.named_buffers():
+            seen = first.setdefault(n, t)
+            if seen is not t and (seen.shape != t.shape or seen.dtype != t.dtype or not torch.equal(seen, t)):
+                varying.add(n)
+    return varying
+
+
+def _block_tensors(block: nn.Module, varying: set[str]) -> dict[str, torch.Tensor]:
+    return {**dict(block.named_parameters()), **{n: t for n, t in block.named_buffers() if n in varying}}
 
 
 def _blocks(c: _Ctx, prefixes: list[str], h: torch.Tensor, ctx: list[torch.Tensor]) -> tuple[dict, list[dict]]:
@@ -373,11 +393,14 @@ def _blocks(c: _Ctx, prefixes: list[str], h: torch.Tensor, ctx: list[torch.Tenso
     groups: dict[tuple, str] = {}
     graphs: dict[str, dict] = {}
     order = []
+    varying = _varying_buffers(c.parts.blocks)
     for block, prefix in zip(c.parts.blocks, prefixes):
-        sig = _signature(block, prefix, c)
+        tensors = _block_tensors(block, varying)
+        c.buffer_inputs.update({prefix + n: t for n, t in block.named_buffers() if n in varying})
+        sig = _signature(block, prefix, c, tensors)
         if sig not in groups:
             tag = groups[sig] = f"block{len(groups)}"
-            graphs[tag] = _graphs(c, tag, _block_call(block), acts, dict(block.named_parameters()), prefix, "block")
+            graphs[tag] = _graphs(c, tag, _block_call(block), acts, tensors, prefix, "block")
         order.append({"prefix": prefix, "graph": groups[sig]})
     return graphs, order
 
@@ -430,6 +453,7 @@ def _write_plan(c: _Ctx, plan: dict) -> dict[str, Path]:
     from safetensors.numpy import save_file
 
     weights: dict[str, np.ndarray] = {}
+    weights.update({name: t.detach().cpu().numpy() for name, t in c.buffer_inputs.items()})
     for name, p in c.model.named_parameters():
         if name in c.trainable:
             continue

@@ -49,7 +49,9 @@ def test_executorch_lean_method_on_model(exported, model, method):
     batch = MODELS[model].batch(et)
     assert len(batch.labels) > BATCH  # a full chunk and a padded one
 
-    assert_trains_like(res, et, lean, batch, min_drop)
+    # Two engines' float32 rounding drifts apart over 20 updates: training a whole decoder layer
+    # (selective-last-layer) ends 1.1e-4 apart; every step-0 check above holds at 1e-5.
+    assert_trains_like(res, et, lean, batch, min_drop, curve_rtol=3e-4)
 
     trained = et.evaluate([batch])
     assert trained.loss == pytest.approx(lean.evaluate([batch]).loss, abs=1e-5)

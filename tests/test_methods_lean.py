@@ -71,9 +71,9 @@ def test_lean_method_on_model(exported, model, method):
     assert again.evaluate([batch]).loss == trained
 
 
-def assert_trains_like(res, s, other, batch, min_drop: float) -> None:
+def assert_trains_like(res, s, other, batch, min_drop: float, curve_rtol: float = 1e-4) -> None:
     """``s``'s step matches eager PyTorch, and ``other`` (another backend on the same bundle) in
-    loss and gradients (1e-5); their 20-step curves agree (1e-4 relative) and fall."""
+    loss and gradients (1e-5); their 20-step curves agree (``curve_rtol``) and fall."""
     loss, grads = assert_step_matches_eager(res, s, batch)
     o_loss, o_grads = other.backend.forward_backward(batch)
     assert loss == pytest.approx(o_loss, abs=1e-5)
@@ -82,7 +82,7 @@ def assert_trains_like(res, s, other, batch, min_drop: float) -> None:
 
     curve = [s.train_step(batch) for _ in range(STEPS)]
     o_curve = [other.train_step(batch) for _ in range(STEPS)]
-    np.testing.assert_allclose(curve, o_curve, rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(curve, o_curve, rtol=curve_rtol, atol=1e-5)
     assert curve[-1] < (1 - min_drop) * curve[0], curve
 
 
