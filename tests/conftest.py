@@ -14,19 +14,6 @@ from _figures import pytest_runtest_logreport, pytest_terminal_summary  # noqa: 
 from edgepeft.data import Example
 from edgepeft.specs import LoraSpec
 
-# make test's longest files (minutes each, from its --durations report), started first: with
-# --dist loadfile xdist hands files out in collection order, and these, collected last
-# alphabetically, left one worker alone with them for the run's last minutes.
-LONGEST_FIRST = ("test_executorch.py", "test_methods_executorch.py", "test_methods_executorch_lean.py",
-                 "test_user_models.py", "test_methods_lean.py", "test_examples.py", "test_methods_real.py",
-                 "test_memory.py")
-
-
-def pytest_collection_modifyitems(config, items) -> None:
-    rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
-    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: the others keep their order
-
-
 LABELS = ("neg", "pos")
 # Most tests exercise one backend; the portable gradient graph takes ~15 s to build even for a
 # tiny model, so only the tests about it (test_portable.py, the method table's portable
